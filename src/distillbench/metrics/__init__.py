@@ -11,7 +11,14 @@ from distillbench.metrics.extractors import (
 )
 from distillbench.metrics.frechet import FID, frechet_distance, gaussian_stats
 from distillbench.metrics.precision_recall import precision_recall
-from distillbench.metrics.suite import MetricSuite, RealStats, cached_real_stats, extract, format_count, metric_name
+from distillbench.metrics.suite import (
+    MetricSuite,
+    RealStats,
+    cached_real_stats,
+    extract,
+    format_count,
+    metric_name,
+)
 
 __all__ = [
     "FID",

@@ -28,8 +28,8 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1
 def accuracy(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
     """Top-1 accuracy of ``model`` on (x, labels)."""
     model.eval()
-    correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(batch_size),
-                                                                               labels.split(batch_size)))
+    batches = zip(x.split(batch_size), labels.split(batch_size), strict=True)
+    correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in batches)
     return correct / len(x)
 
 
@@ -42,7 +42,7 @@ def train_classifier(
     width: int = 32,
     feature_dim: int = 128,
 ) -> tuple[SmallClassifier, float]:
-    """Adam with a cosine learning-rate decay and ±1-pixel shifts; returns the frozen model and test accuracy."""
+    """Adam, cosine learning-rate decay, ±1-pixel shifts; returns the frozen model and its test accuracy."""
     x, labels = datamodule.arrays("train")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

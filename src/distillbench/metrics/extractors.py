@@ -68,7 +68,7 @@ def _as_classifier(classifier: SmallClassifier | str | Path) -> SmallClassifier:
 
 
 class ClassifierFeatures(FeatureExtractor):
-    """Penultimate features of a small per-dataset classifier (a domain-specific FID, as in Heusel et al. 2017)."""
+    """Penultimate features of a small per-dataset classifier: a domain-specific FID (Heusel et al. 2017)."""
 
     name = "clf"
 
@@ -87,7 +87,7 @@ class ClassifierFeatures(FeatureExtractor):
 
 
 class ClassifierLogits(FeatureExtractor):
-    """Class logits of a small per-dataset classifier, the input of the Inception Score (Salimans et al. 2016)."""
+    """Class logits of a small per-dataset classifier, as the Inception Score uses (Salimans et al. 2016)."""
 
     name = "clf_logits"
 

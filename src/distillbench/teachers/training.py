@@ -17,13 +17,16 @@ from distillbench.teachers.denoiser import EDMDenoiser, freeze
 from distillbench.utils.ema import ema_beta, update_ema
 
 
-def edm_loss(denoiser, y: torch.Tensor, labels, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
-    """Per-sample EDM loss, averaged over elements."""
+def edm_loss(
+    denoiser, y: torch.Tensor, labels, p_mean: float = -1.2, p_std: float = 1.2, generator=None
+) -> torch.Tensor:
+    """Per-sample EDM loss, averaged over elements (σ and n drawn from ``generator`` when given)."""
     shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-    sigma = (torch.randn(shape, device=y.device) * p_std + p_mean).exp()
+    sigma = (torch.randn(shape, device=y.device, generator=generator) * p_std + p_mean).exp()
     sd = denoiser.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # λ(σ)
-    d = denoiser(y + sigma * torch.randn_like(y), sigma.flatten(), labels)
+    noise = torch.randn(y.shape, device=y.device, generator=generator)
+    d = denoiser(y + sigma * noise, sigma.flatten(), labels)
     return (weight * (d - y) ** 2).flatten(1).mean(1)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +45,7 @@ def task(fn):
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
+        quiet_known_warnings()
         torch.set_num_threads(int(cfg.get("threads") or os.cpu_count() or 1))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         folder = output_dir(cfg)
@@ -58,6 +61,14 @@ def task(fn):
                 print(f"run folder: {folder}")
 
     return wrapper
+
+
+def quiet_known_warnings() -> None:
+    """Silence Lightning notices that are expected here (frozen EMA/teacher modules, no epochs, tips)."""
+    for message in [".*module\\(s\\) in eval mode.*", ".*isinstance\\(treespec, LeafSpec\\).*",
+                    ".*max_epochs.* was not set.*", ".*does not have many workers.*", ".*weights_only.*"]:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def _finish_wandb() -> None:

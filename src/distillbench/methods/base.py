@@ -1,0 +1,231 @@
+"""The shared base of the score-based one-step methods (SiD, SIM, Diff-Instruct).
+
+It owns what the three share (algorithms.md §2–3; SiD ``sid_training_loop.py``):
+- the one-step generator G_θ(z) = D_θ(σ_init·z; σ_init), a copy of the teacher (or of ``student``);
+- the auxiliary score network ψ (SiD's "fake score", SIM's "online diffusion model"), trained with the EDM
+  denoising loss on detached generator samples;
+- the frozen teacher φ, held outside the module tree: never in checkpoints, never wrapped by DDP;
+- the alternation of ``fake_updates`` ψ-updates per θ-update (default 1:1);
+- a generator-only EMA with a half-life in kimg and EDM's ramp-up;
+- noise seeded per (seed, rank, generator step, phase), so ranks differ and a run is reproducible;
+- progress counted in generator steps and kimg (``global_step`` counts both optimisers);
+- loss scaling, dropping samples with non-finite values and ``nan_to_num`` on gradients, with counts.
+
+A method implements :meth:`generator_loss`, returning the per-sample loss of generator samples x_g.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import numpy as np
+import torch
+
+from distillbench.errors import ConfigError
+from distillbench.teachers.denoiser import Denoiser, as_sigma_batch, freeze
+from distillbench.teachers.training import edm_loss
+from distillbench.utils.ema import ema_beta, update_ema
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def sigma_p_sim(n: int, t_max: float = 0.8, generator=None, device=None) -> torch.Tensor:
+    """SiD/SIM generator time law: t ~ U[0, t_max] on the ρ = 7 Karras map, σ ∈ [0.002, 24.4] (§3.2)."""
+    t = torch.rand(n, generator=generator, device=device) * t_max
+    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
+    return (a + (1 - t) * (b - a)) ** RHO
+
+
+def sigma_p_edm(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator=None, device=None) -> torch.Tensor:
+    """EDM's log-normal training law: ln σ ~ N(P_mean, P_std²)."""
+    return (torch.randn(n, generator=generator, device=device) * p_std + p_mean).exp()
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}={value} must be > 0")
+
+
+class ScoreDistillation(L.LightningModule):
+    """Manual-optimisation base: alternates ψ (fake score) and θ (generator) updates."""
+
+    #: generator time law of the method (``p_sim`` or ``p_edm``); a subclass may make it configurable
+    time_law: str = "p_sim"
+
+    def __init__(
+        self,
+        teacher: Denoiser,
+        student: Denoiser | None = None,
+        sigma_init: float = 2.5,
+        lr: float = 1e-5,
+        fake_lr: float | None = None,
+        betas: tuple[float, float] = (0.0, 0.999),
+        eps: float = 1e-8,
+        batch_size: int = 64,
+        fake_updates: int = 1,
+        ema_halflife_kimg: float = 20.0,
+        ema_rampup_ratio: float | None = 0.05,
+        loss_scaling: float = 1.0,
+        loss_scaling_g: float = 1.0,
+        t_max: float = 0.8,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        check_positive("method.sigma_init", sigma_init)
+        check_positive("optim.lr", lr)
+        check_positive("optim.fake_lr", fake_lr if fake_lr is not None else lr)
+        if fake_updates < 1:
+            raise ConfigError(f"method.fake_updates={fake_updates} must be >= 1")
+        self.save_hyperparameters(ignore=["teacher", "student"])
+        self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
+        init = student if student is not None else teacher
+        self.generator = copy.deepcopy(init).requires_grad_(True).train()
+        self.fake = copy.deepcopy(init).requires_grad_(True).train()
+        self.ema = freeze(copy.deepcopy(self.generator))
+        self.sample_shape = tuple(teacher.sample_shape)
+        self.num_classes = int(getattr(teacher, "num_classes", 0))
+        self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("gen_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("dropped_samples", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nonfinite_grads", torch.zeros((), dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> Denoiser:
+        return self._teacher[0]
+
+    def setup(self, stage: str) -> None:
+        self.teacher.to(self.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if self.hparams.batch_size % world:
+            raise ConfigError(
+                f"method.batch_size={self.hparams.batch_size} is not divisible by the {world} processes"
+            )
+
+    @property
+    def batch_per_device(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.hparams.batch_size // world
+
+    @property
+    def kimg(self) -> float:
+        return float(self.nimg) / 1000
+
+    def generator_for(self, phase: str) -> torch.Generator:
+        """A generator seeded by (seed, rank, generator step, phase): per-rank, reproducible noise."""
+        rank = self.global_rank if self._trainer is not None else 0
+        key = [self.hparams.seed, rank, int(self.gen_steps), {"fake": 0, "gen": 1}[phase]]
+        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def generate(self, z: torch.Tensor, labels=None, net: Denoiser | None = None) -> torch.Tensor:
+        """G(z) = D(σ_init·z; σ_init, labels)."""
+        net = net if net is not None else self.generator
+        sigma_init = self.hparams.sigma_init
+        return net(sigma_init * z, torch.full((z.shape[0],), sigma_init, device=z.device), labels)
+
+    def draw(self, phase: str) -> torch.Tensor:
+        """Start a phase: seed its random stream and draw the generator noise z of its batch."""
+        self.rng = self.generator_for(phase)
+        return torch.randn(self.batch_per_device, *self.sample_shape, generator=self.rng, device=self.device)
+
+    def sample_sigma(self, n: int, law: str | None = None) -> torch.Tensor:
+        """σ from the generator time law (``p_sim`` or ``p_edm``), from the phase's stream."""
+        if (law or self.time_law) == "p_sim":
+            return sigma_p_sim(n, self.hparams.t_max, generator=self.rng, device=self.device)
+        return sigma_p_edm(n, generator=self.rng, device=self.device)
+
+    def noised(self, x_g: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x_t = x_g + σ·n with fresh n from the phase's stream."""
+        noise = torch.randn(x_g.shape, generator=self.rng, device=x_g.device)
+        return x_g + as_sigma_batch(sigma, x_g) * noise
+
+    # ----------------------------------------------------------------------------------------------------
+    def generator_loss(self, x_g: torch.Tensor, labels) -> torch.Tensor:
+        """Per-sample generator loss of samples x_g (with grad). Implemented by each method."""
+        raise NotImplementedError
+
+    def fake_score_loss(self, labels) -> torch.Tensor:
+        """ψ-step: the EDM denoising loss of the fake score on detached generator samples (SiD §3.1)."""
+        z = self.draw("fake")
+        self.generator.eval()
+        with torch.no_grad():
+            x_g = self.generate(z, labels)
+        self.generator.train()
+        return edm_loss(self.fake, x_g, labels, generator=self.rng).flatten()
+
+    def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Mean over the samples whose loss is finite; the others are dropped and counted."""
+        ok = torch.isfinite(per_sample)
+        self.dropped_samples += (~ok).sum()
+        if not ok.any():
+            return per_sample.new_zeros((), requires_grad=per_sample.requires_grad) * 0.0
+        return per_sample[ok].mean()
+
+    def step_optimizer(self, opt, loss: torch.Tensor, params, scale: float) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss * scale)
+        for p in params:
+            if p.grad is not None:
+                bad = ~torch.isfinite(p.grad)
+                if bad.any():
+                    self.nonfinite_grads += bad.sum()
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        opt.step()
+
+    def training_step(self, batch, batch_idx):
+        labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
+        opt_g, opt_f = self.optimizers()
+        for _ in range(self.hparams.fake_updates):
+            self.fake.requires_grad_(True)
+            loss_f = self.finite_mean(self.fake_score_loss(labels))
+            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), self.hparams.loss_scaling)
+        self.fake.requires_grad_(False)  # θ-step: ψ's parameters frozen, gradients flow through its input
+        x_g = self.generate(self.draw("gen"), labels)
+        loss_g = self.finite_mean(self.generator_loss(x_g, labels))
+        self.step_optimizer(opt_g, loss_g, self.generator.parameters(), self.hparams.loss_scaling_g)
+        self.fake.requires_grad_(True)
+        self.after_generator_step()
+        self.log_dict(
+            {"train/loss_fake": loss_f.detach(), "train/loss_gen": loss_g.detach(), "train/kimg": self.kimg,
+             "train/gen_step": float(self.gen_steps), "train/dropped_samples": float(self.dropped_samples),
+             "train/nonfinite_grads": float(self.nonfinite_grads)},
+            prog_bar=True,
+        )  # fmt: skip
+
+    def after_generator_step(self) -> None:
+        batch = self.hparams.batch_size
+        self.gen_steps += 1
+        self.nimg += batch
+        update_ema(self.ema, self.generator, ema_beta(batch, float(self.nimg), self.hparams.ema_halflife_kimg,
+                                                      self.hparams.ema_rampup_ratio))
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
+        opt_f = torch.optim.Adam(self.fake.parameters(), lr=fake_lr, betas=tuple(h.betas), eps=h.eps)
+        return [opt_g, opt_f]
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, labels=None, use_ema: bool = True) -> torch.Tensor:
+        """One-step samples of the EMA (or online) generator."""
+        return self.generate(z, labels, self.ema if use_ema else self.generator)
+
+
+def mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of |x| over all non-batch dimensions."""
+    return x.abs().flatten(1).mean(1)
+
+
+def per_sample_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+def check_range(name: str, value: float, low: float, high: float = math.inf) -> None:
+    if not (low <= value <= high):
+        raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")
+

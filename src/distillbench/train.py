@@ -1,0 +1,98 @@
+"""``python -m distillbench.train``: distil a teacher into a one-step generator (SIM by default, on digits).
+
+Writes the output contract into its run folder: ``config.yaml``, ``metrics.csv`` (losses and the periodic
+evaluation of the EMA generator against kimg), ``student.png`` beside ``teacher.png`` (same noise and
+labels), ``curves.png``, ``checkpoints/last.ckpt``, ``samples.npz`` and ``summary.json``, then prints a table
+of teacher versus one-step student.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from distillbench.callbacks import KimgBudget, PeriodicEvaluation
+from distillbench.config import CONFIG_DIR
+from distillbench.data.noise import NoiseDataModule
+from distillbench.samplers.generate import generate
+from distillbench.utils.images import save_samples_figure
+from distillbench.utils.logging import instantiate_loggers
+from distillbench.utils.plots import plot_curves
+from distillbench.utils.runs import output_dir, task, write_config, write_summary
+from distillbench.utils.tables import print_comparison
+
+
+def build(cfg: DictConfig):
+    """Instantiate everything, so that every bad-input check runs before any work."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
+    student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
+    method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
+    train_data = NoiseDataModule(like=datamodule, batch_size=cfg.distill.batch_size, seed=cfg.seed)
+    metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.eval.n)
+    evaluation = PeriodicEvaluation(metrics, datamodule, cfg.eval.every_kimg, cfg.eval.n, cfg.eval.noise_seed,
+                                    cfg.eval.batch_size)  # fmt: skip
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[evaluation, KimgBudget(cfg.distill.duration_kimg)],
+        logger=instantiate_loggers(cfg.get("logger")), max_steps=-1,
+    )  # fmt: skip
+    return datamodule, teacher, method, train_data, metrics, evaluation, trainer
+
+
+def throughput(fn, n: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def evaluate_teacher(cfg, teacher, datamodule, metrics, evaluation, method) -> dict:
+    """The teacher's sampler on the same fixed noise and labels as the student's evaluation."""
+    sampler = hydra.utils.instantiate(cfg.teacher_sampler)
+    probs = datamodule.label_distribution if method.num_classes else None
+    start = time.perf_counter()
+    x, _, nfe = generate(sampler, teacher, cfg.eval.n, cfg.eval.batch_size, cfg.eval.noise_seed, probs)
+    rate = cfg.eval.n / (time.perf_counter() - start)
+    return {"nfe": nfe, "samples_per_second": rate, **metrics.evaluate(x, datamodule), "grid": x[: cfg.eval.grid_size]}
+
+
+def train(cfg: DictConfig) -> dict:
+    datamodule, teacher, method, train_data, metrics, evaluation, trainer = build(cfg)
+    write_config(cfg)
+    out = output_dir(cfg)
+    trainer.fit(method, datamodule=train_data)
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+
+    student_x = evaluation.samples(method)
+    z, labels = evaluation.fixed_inputs(method)
+    rate = throughput(lambda: method.sample(z[:256], None if labels is None else labels[:256]), min(256, len(z)))
+    student = {"nfe": 1, "samples_per_second": rate, **evaluation.history[-1]}
+    np.savez(out / "samples.npz", x=student_x.numpy(), **({} if labels is None else {"labels": labels.numpy()}))
+    save_samples_figure(student_x[: cfg.eval.grid_size], out / "student.png", title="one-step student")
+    plot_curves(evaluation.history, out / "curves.png", title=f"{type(method).__name__} on {datamodule.name}")
+
+    summary = {"method": type(method).__name__, "data": datamodule.name, "kimg": method.kimg,
+               "gen_steps": int(method.gen_steps), "dropped_samples": int(method.dropped_samples),
+               "nonfinite_grads": int(method.nonfinite_grads),
+               "student": {k: v for k, v in student.items() if k not in ("kimg", "gen_step")}}  # fmt: skip
+    if cfg.eval.teacher:
+        teacher_figures = evaluate_teacher(cfg, teacher, datamodule, metrics, evaluation, method)
+        save_samples_figure(teacher_figures.pop("grid"), out / "teacher.png", title="teacher")
+        summary["teacher"] = teacher_figures
+    write_summary(cfg, summary)
+    print_comparison(summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@task
+def main(cfg: DictConfig) -> None:
+    torch.set_float32_matmul_precision("high")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
