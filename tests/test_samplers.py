@@ -72,8 +72,27 @@ def test_schedule_descends_from_sigma_max_to_sigma_min_then_zero(name, steps):
 
 
 def test_karras_18_steps_equals_edm_published_grid():
-    edm = [80, 57.6, 40.8, 28.4, 19.4, 12.9, 8.40, 5.32, 3.26, 1.92, 1.09, 0.585, 0.296, 0.140, 0.0599,
-           0.0229, 0.00753, 0.002, 0.0]
+    edm = [
+        80,
+        57.6,
+        40.8,
+        28.4,
+        19.4,
+        12.9,
+        8.40,
+        5.32,
+        3.26,
+        1.92,
+        1.09,
+        0.585,
+        0.296,
+        0.140,
+        0.0599,
+        0.0229,
+        0.00753,
+        0.002,
+        0.0,
+    ]
     assert [float(f"{s:.3g}") for s in karras(18).tolist()] == edm
 
 
@@ -118,8 +137,14 @@ def test_heun_two_steps_equals_edm_algorithm_1_by_hand():
 
 
 @pytest.mark.parametrize(
-    "sampler, nfe", [(HeunSampler(), 35), (EulerSampler(), 35), (DPMSolverPP2MSampler(), 20),
-                     (HeunSampler(steps=1), 1), (DPMSolverPP2MSampler(steps=1), 1)]
+    "sampler, nfe",
+    [
+        (HeunSampler(), 35),
+        (EulerSampler(), 35),
+        (DPMSolverPP2MSampler(), 20),
+        (HeunSampler(steps=1), 1),
+        (DPMSolverPP2MSampler(steps=1), 1),
+    ],
 )
 def test_nfe_is_counted_and_result_keeps_z_dtype(sampler, nfe):
     z = torch.randn(4, 1)
@@ -169,8 +194,14 @@ def test_dpmpp2m_matches_diffusers_edm_dpmsolver(steps, lower_order_final):
     # which it already is: both settings run our algorithm.
     denoiser, z = toy_denoiser(), torch.randn(64, 2)
     scheduler = EDMDPMSolverMultistepScheduler(
-        sigma_min=0.002, sigma_max=80.0, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
-        final_sigmas_type="zero", lower_order_final=lower_order_final, euler_at_final=False,
+        sigma_min=0.002,
+        sigma_max=80.0,
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        final_sigmas_type="zero",
+        lower_order_final=lower_order_final,
+        euler_at_final=False,
     )
     scheduler.set_timesteps(steps)
     expected = run_diffusers(scheduler, denoiser, z)
@@ -193,8 +224,10 @@ def test_heun_35_nfe_reproduces_the_toy2d_mixture():
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name, cls, steps", [("heun", HeunSampler, 18), ("euler", EulerSampler, 35),
-                                              ("dpmpp2m", DPMSolverPP2MSampler, 20)])
+@pytest.mark.parametrize(
+    "name, cls, steps",
+    [("heun", HeunSampler, 18), ("euler", EulerSampler, 35), ("dpmpp2m", DPMSolverPP2MSampler, 20)],
+)
 def test_hydra_configs_instantiate_and_swap_schedule(name, cls, steps):
     cfg = OmegaConf.load(CONF / "sampler" / f"{name}.yaml")
     sampler = instantiate(cfg)

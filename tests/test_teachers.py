@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distillbench.errors import ConfigError
 from distillbench.data.digits import DigitsDataModule
+from distillbench.errors import ConfigError
 from distillbench.nets import MLPBackbone, UNetBackbone
 from distillbench.teachers.analytic import AnalyticMixtureDenoiser, GaussianMixture, analytic_teacher
 from distillbench.teachers.checkpoint import load_teacher, save_teacher
@@ -150,8 +150,13 @@ def test_200_teacher_steps_on_digits_lower_the_loss():
             losses.append(float(outputs["loss"]))
 
     trainer = L.Trainer(
-        max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+        max_steps=200,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
     )
     trainer.fit(module, datamodule=dm)
     assert len(losses) == 200

@@ -23,6 +23,7 @@ from distillbench.utils.tables import print_summary
 def build(cfg: DictConfig):
     """Instantiate data, teacher and sampler; every bad-input check happens here, before any work."""
     datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.arrays("train")  # missing data or packages fail here, first
     teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
     sampler = hydra.utils.instantiate(cfg.sampler)
     metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.n) if cfg.get("metrics") and cfg.evaluate else None
@@ -35,7 +36,12 @@ def sample(cfg: DictConfig) -> dict:
     label_probs = datamodule.label_distribution if getattr(teacher, "num_classes", 0) else None
     start = time.time()
     x, labels, nfe = generate(
-        sampler, teacher, cfg.n, batch_size=cfg.batch_size, seed=cfg.noise_seed, label_probs=label_probs,
+        sampler,
+        teacher,
+        cfg.n,
+        batch_size=cfg.batch_size,
+        seed=cfg.noise_seed,
+        label_probs=label_probs,
         progress=True,
     )
     seconds = time.time() - start

@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 from distillbench.config import CONFIG_DIR
 from distillbench.teachers.checkpoint import count_parameters, save_teacher
 from distillbench.teachers.denoiser import EDMDenoiser
-from distillbench.teachers.training import TeacherTraining
 from distillbench.utils.logging import instantiate_loggers
 from distillbench.utils.runs import output_dir, task, write_config, write_summary
 

@@ -29,6 +29,7 @@ from distillbench.utils.tables import print_comparison
 def build(cfg: DictConfig):
     """Instantiate everything, so that every bad-input check runs before any work."""
     datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.arrays("train")  # missing data or packages fail here, first
     teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
     student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
@@ -56,7 +57,12 @@ def evaluate_teacher(cfg, teacher, datamodule, metrics, evaluation, method) -> d
     start = time.perf_counter()
     x, _, nfe = generate(sampler, teacher, cfg.eval.n, cfg.eval.batch_size, cfg.eval.noise_seed, probs)
     rate = cfg.eval.n / (time.perf_counter() - start)
-    return {"nfe": nfe, "samples_per_second": rate, **metrics.evaluate(x, datamodule), "grid": x[: cfg.eval.grid_size]}
+    return {
+        "nfe": nfe,
+        "samples_per_second": rate,
+        **metrics.evaluate(x, datamodule),
+        "grid": x[: cfg.eval.grid_size],
+    }
 
 
 def train(cfg: DictConfig) -> dict:
@@ -68,9 +74,13 @@ def train(cfg: DictConfig) -> dict:
 
     student_x = evaluation.samples(method)
     z, labels = evaluation.fixed_inputs(method)
-    rate = throughput(lambda: method.sample(z[:256], None if labels is None else labels[:256]), min(256, len(z)))
+    rate = throughput(
+        lambda: method.sample(z[:256], None if labels is None else labels[:256]), min(256, len(z))
+    )
     student = {"nfe": 1, "samples_per_second": rate, **evaluation.history[-1]}
-    np.savez(out / "samples.npz", x=student_x.numpy(), **({} if labels is None else {"labels": labels.numpy()}))
+    np.savez(
+        out / "samples.npz", x=student_x.numpy(), **({} if labels is None else {"labels": labels.numpy()})
+    )
     save_samples_figure(student_x[: cfg.eval.grid_size], out / "student.png", title="one-step student")
     plot_curves(evaluation.history, out / "curves.png", title=f"{type(method).__name__} on {datamodule.name}")
 

@@ -11,7 +11,9 @@ from distillbench.samplers.generate import fixed_labels, fixed_noise
 class PeriodicEvaluation(L.Callback):
     """Logs ``eval/<metric>`` against ``train/kimg`` at kimg 0, every ``every_kimg`` and at the end."""
 
-    def __init__(self, metrics, datamodule, every_kimg: float, n: int, noise_seed: int = 0, batch_size: int = 500):
+    def __init__(
+        self, metrics, datamodule, every_kimg: float, n: int, noise_seed: int = 0, batch_size: int = 500
+    ):
         self.metrics = metrics
         self.datamodule = datamodule
         self.every_kimg = float(every_kimg)
@@ -39,8 +41,10 @@ class PeriodicEvaluation(L.Callback):
         row = {"kimg": pl_module.kimg, "gen_step": int(pl_module.gen_steps), **figures}
         self.history.append(row)
         for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in figures.items()} | {"train/kimg": row["kimg"]},
-                               step=row["gen_step"])
+            logger.log_metrics(
+                {f"eval/{k}": v for k, v in figures.items()} | {"train/kimg": row["kimg"]},
+                step=row["gen_step"],
+            )
         return row
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -38,7 +38,9 @@ def sigma_p_sim(n: int, t_max: float = 0.8, generator=None, device=None) -> torc
     return (a + (1 - t) * (b - a)) ** RHO
 
 
-def sigma_p_edm(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator=None, device=None) -> torch.Tensor:
+def sigma_p_edm(
+    n: int, p_mean: float = -1.2, p_std: float = 1.2, generator=None, device=None
+) -> torch.Tensor:
     """EDM's log-normal training law: ln σ ~ N(P_mean, P_std²)."""
     return (torch.randn(n, generator=generator, device=device) * p_std + p_mean).exp()
 
@@ -200,8 +202,11 @@ class ScoreDistillation(L.LightningModule):
         batch = self.hparams.batch_size
         self.gen_steps += 1
         self.nimg += batch
-        update_ema(self.ema, self.generator, ema_beta(batch, float(self.nimg), self.hparams.ema_halflife_kimg,
-                                                      self.hparams.ema_rampup_ratio))
+        update_ema(
+            self.ema,
+            self.generator,
+            ema_beta(batch, float(self.nimg), self.hparams.ema_halflife_kimg, self.hparams.ema_rampup_ratio),
+        )
 
     def configure_optimizers(self):
         h = self.hparams
@@ -228,4 +233,3 @@ def per_sample_sum(x: torch.Tensor) -> torch.Tensor:
 def check_range(name: str, value: float, low: float, high: float = math.inf) -> None:
     if not (low <= value <= high):
         raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")
-

@@ -9,9 +9,7 @@ from torch import nn
 class SmallClassifier(nn.Module):
     """Conv → GroupNorm → SiLU stack, global pooling, ``feature_dim`` features, linear logits."""
 
-    def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, feature_dim: int = 128
-    ):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, feature_dim: int = 128):
         super().__init__()
         w = width
         self.body = nn.Sequential(

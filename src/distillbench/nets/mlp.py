@@ -25,7 +25,9 @@ class FourierEmbedding(nn.Module):
 class MLPBackbone(nn.Module):
     """F(x_in, c_noise, labels) for vectors: [x, emb(c_noise)] → SiLU MLP → output of x's size."""
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, emb_dim: int = 64, num_classes: int = 0):
+    def __init__(
+        self, dim: int = 2, hidden: int = 256, depth: int = 3, emb_dim: int = 64, num_classes: int = 0
+    ):
         super().__init__()
         self.num_classes = int(num_classes)
         self.embed = FourierEmbedding(emb_dim)

@@ -54,12 +54,21 @@ class GaussianMixture:
 class AnalyticMixtureDenoiser(Denoiser):
     """The Bayes-optimal D(x; σ) of a :class:`GaussianMixture`; it has no parameters."""
 
-    def __init__(self, mixture: GaussianMixture, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0):
+    def __init__(
+        self,
+        mixture: GaussianMixture,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ):
         super().__init__()
         self.mixture = mixture
         self.sample_shape = (mixture.dim,)
-        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+        self.sigma_data, self.sigma_min, self.sigma_max = (
+            float(sigma_data),
+            float(sigma_min),
+            float(sigma_max),
+        )
 
     def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
         m = self.mixture

@@ -77,8 +77,9 @@ class DiffusersDenoiser(Denoiser):
         config = getattr(model, "config", None)
         self.cross_attention = getattr(config, "cross_attention_dim", None) is not None
         self.sample_shape = tuple(int(s) for s in (sample_shape or self.config_shape(config)))
-        self.num_classes = int(num_classes if num_classes is not None else
-                               getattr(config, "num_class_embeds", None) or 0)
+        self.num_classes = int(
+            num_classes if num_classes is not None else getattr(config, "num_class_embeds", None) or 0
+        )
         self.register_buffer("log_sigmas", self.log_sigma_table(alphas_cumprod), persistent=False)
         self.sigma_min = float(self.log_sigmas[0].exp())
         self.sigma_max = float(self.log_sigmas[-1].exp())

@@ -25,9 +25,15 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: in
     grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
     for i, img in enumerate(imgs):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = img
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+    return (
+        picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        if scale > 1
+        else picture
+    )
 
 
 def save_samples_figure(x: torch.Tensor, path: str | Path, title: str = "") -> Path:

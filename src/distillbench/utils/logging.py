@@ -31,7 +31,9 @@ def instantiate_loggers(logger_cfg: DictConfig | None) -> list:
                 continue
             if mode != "online" and not wandb_has_credentials():
                 kwargs["offline"] = True
-                print(f"W&B: no API key, logging offline under {conf.save_dir}/wandb; "
-                      "upload later with `wandb sync <that folder>/offline-run-*`")
+                print(
+                    f"W&B: no API key, logging offline under {conf.save_dir}/wandb; "
+                    "upload later with `wandb sync <that folder>/offline-run-*`"
+                )
         loggers.append(hydra.utils.instantiate(conf, **kwargs))
     return loggers

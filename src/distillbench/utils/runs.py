@@ -41,7 +41,7 @@ def _remove_unfinished(folder: Path) -> None:
 
 
 def task(fn):
-    """Wrap a Hydra task: seed, threads, clean ``ConfigError`` exits, ``wandb.finish()`` and the folder print."""
+    """Wrap a Hydra task: seed, threads, clean ``ConfigError`` exits, ``wandb.finish()``, folder print."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
@@ -51,9 +51,12 @@ def task(fn):
         folder = output_dir(cfg)
         try:
             return fn(cfg)
-        except ConfigError as err:
+        except Exception as err:
+            cause = config_error_in(err)
+            if cause is None:
+                raise
             _remove_unfinished(folder)
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {cause}", file=sys.stderr)
             sys.exit(2)
         finally:
             _finish_wandb()
@@ -63,10 +66,24 @@ def task(fn):
     return wrapper
 
 
+def config_error_in(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` behind ``err`` (Hydra wraps errors raised while instantiating), if any."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__
+    return None
+
+
 def quiet_known_warnings() -> None:
     """Silence Lightning notices that are expected here (frozen EMA/teacher modules, no epochs, tips)."""
-    for message in [".*module\\(s\\) in eval mode.*", ".*isinstance\\(treespec, LeafSpec\\).*",
-                    ".*max_epochs.* was not set.*", ".*does not have many workers.*", ".*weights_only.*"]:
+    for message in [
+        ".*module\\(s\\) in eval mode.*",
+        ".*isinstance\\(treespec, LeafSpec\\).*",
+        ".*max_epochs.* was not set.*",
+        ".*does not have many workers.*",
+        ".*weights_only.*",
+    ]:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 

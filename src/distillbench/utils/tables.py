@@ -17,7 +17,9 @@ def print_summary(summary: dict, title: str = "summary") -> None:
 
 def print_comparison(summary: dict) -> None:
     """Teacher (its sampler's NFE) versus the one-step student: NFE, metrics and samples per second."""
-    models = {"student": summary["student"]} | ({"teacher": summary["teacher"]} if "teacher" in summary else {})
+    models = {"student": summary["student"]} | (
+        {"teacher": summary["teacher"]} if "teacher" in summary else {}
+    )
     keys = ["nfe"] + sorted({k for fig in models.values() for k in fig} - {"nfe", "samples_per_second"})
     table = Table(title=f"{summary['method']} on {summary['data']} after {summary['kimg']:.1f} kimg")
     table.add_column("figure")
@@ -25,5 +27,7 @@ def print_comparison(summary: dict) -> None:
         table.add_column(name, justify="right")
     for key in [*keys, "samples_per_second"]:
         cells = [models[m].get(key) for m in models]
-        table.add_row(key, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells))
+        table.add_row(
+            key, *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells)
+        )
     Console().print(table)
