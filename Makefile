@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 
 install: $(STAMP) ## Create .venv and install torch, the package and its test tools
 
-run: $(STAMP) ## Run the main job on the embedded default (digits)
-	$(PY) -m distillbench.sample teacher=digits sampler=heun sampler.steps=18 n=1000
+run: $(STAMP) ## Run the main job: SIM distillation of the shipped digits teacher (a few minutes)
+	$(PY) -m distillbench.train
 
 test: $(STAMP) ## Run the test suite (not the slow tests)
 	$(PY) -m pytest -q

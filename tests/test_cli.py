@@ -81,3 +81,23 @@ def test_bad_input_fails_cleanly_before_any_work(tmp_path, overrides, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists(), "a failed run must not leave a folder that looks finished"
+
+
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from distillbench.config import CONFIG_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
+                         for p in (ROOT / "conf/experiment").rglob("*.yaml"))
+)  # fmt: skip
+def test_every_experiment_config_composes(experiment):
+    cfg = compose("train", [f"experiment={experiment}"])
+    assert cfg.method._target_.startswith("distillbench.methods.")
+    assert cfg.distill.batch_size > 0 and cfg.optim.lr > 0

@@ -26,6 +26,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.teachers.denoiser import Denoiser, as_sigma_batch, freeze
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -171,13 +172,14 @@ class DiffusersDenoiser(Denoiser):
         prediction_type: str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         scheduler_path: str | os.PathLike | None = None,
+        datamodule=None,
         **kw,
     ) -> DiffusersDenoiser:
         """Load a UNet and its scheduler from a pipeline folder (``unet/``, ``scheduler/``), a UNet folder
         with ``scheduler_config.json`` beside or under ``scheduler/``, or a hub id (downloads).
 
         ``scheduler_path`` points to a separate scheduler folder; ``prediction_type`` overrides the
-        scheduler's; ``kw`` goes to the constructor.
+        scheduler's; ``kw`` goes to the constructor. With ``datamodule``, the teacher must fit its data.
         """
         path = str(path_or_repo)
         subfolders = [subfolder] if subfolder else ["unet", None]
@@ -190,7 +192,10 @@ class DiffusersDenoiser(Denoiser):
         model = model_cls.from_pretrained(path, subfolder=unet_sub, torch_dtype=torch_dtype)
         scheduler = load_scheduler(str(scheduler_path or path), scheduler_subfolder)
         prediction_type = prediction_type or scheduler.config.prediction_type
-        return cls(model, scheduler.alphas_cumprod, prediction_type, **kw)
+        teacher = cls(model, scheduler.alphas_cumprod, prediction_type, **kw)
+        if datamodule is not None:
+            check_teacher_fits(teacher, datamodule, str(path_or_repo))
+        return teacher
 
 
 def find_config(path: str, config_cls, subfolders: list[str | None], what: str) -> tuple[str | None, dict]:
