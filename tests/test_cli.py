@@ -67,15 +67,28 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("module", "overrides", "message"),
     [
-        (["data=mnist", "data.limit=16", "teacher=analytic"], "teacher=analytic needs data=toy2d"),
-        (["data=cifar10", "data.root=/nonexistent/cifar", "teacher=analytic"], "/nonexistent/cifar"),
+        ("sample", ["data=mnist", "data.limit=16", "teacher=analytic"], "teacher=analytic needs data=toy2d"),
+        (
+            "sample",
+            ["data=cifar10", "data.root=/nonexistent/cifar", "teacher=analytic"],
+            "/nonexistent/cifar",
+        ),
+        ("train", ["data=toy2d", "trainer=ddp_sim", "distill.batch_size=63"], "distill.batch_size=63"),
+        ("train", ["data=toy2d", "distill.sigma_init=0"], "method.sigma_init=0"),
+        ("train", ["data=toy2d", "optim.lr=-1"], "optim.lr=-1"),
+        ("train", ["data=toy2d", "method=sid", "method.alpha=5"], "method.alpha=5"),
+        ("train", ["data=toy2d", "student=toy2d", "student.sample_shape=[3]"], "shape (3,)"),
     ],
 )
-def test_bad_input_fails_cleanly_before_any_work(tmp_path, overrides, message):
+def test_bad_input_fails_cleanly_before_any_work(tmp_path, module, overrides, message):
     proc = run_cli(
-        "distillbench.sample", *overrides, "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path, check=False
+        f"distillbench.{module}",
+        *overrides,
+        "hydra.run.dir=" + str(tmp_path / "run"),
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr

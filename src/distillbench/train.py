@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from distillbench.callbacks import KimgBudget, PeriodicEvaluation
 from distillbench.config import CONFIG_DIR
+from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
@@ -39,8 +40,9 @@ def build(cfg: DictConfig):
                                     cfg.eval.batch_size)  # fmt: skip
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[evaluation, KimgBudget(cfg.distill.duration_kimg)],
-        logger=instantiate_loggers(cfg.get("logger")), max_steps=-1,
+        logger=instantiate_loggers(cfg.get("logger")), max_steps=-1, max_epochs=-1,
     )  # fmt: skip
+    per_device_batch(cfg.distill.batch_size, trainer.world_size, key="distill.batch_size")
     return datamodule, teacher, method, train_data, metrics, evaluation, trainer
 
 

@@ -11,13 +11,13 @@ from distillbench.errors import ConfigError
 __all__ = ["ConfigError", "TensorDataModule", "per_device_batch"]
 
 
-def per_device_batch(global_batch: int, world_size: int) -> int:
+def per_device_batch(global_batch: int, world_size: int, key: str = "data.batch_size") -> int:
     """Split the global batch over processes, as EDM/SiD's ``--batch`` does."""
     if global_batch <= 0:
-        raise ConfigError(f"data.batch_size must be positive, got {global_batch}")
+        raise ConfigError(f"{key} must be positive, got {global_batch}")
     if global_batch % world_size:
         raise ConfigError(
-            f"data.batch_size={global_batch} is not divisible by the {world_size} processes; "
+            f"{key}={global_batch} is not divisible by the {world_size} processes; "
             f"choose a multiple of {world_size}"
         )
     return global_batch // world_size

@@ -84,6 +84,11 @@ class ScoreDistillation(L.LightningModule):
         self.save_hyperparameters(ignore=["teacher", "student"])
         self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
         init = student if student is not None else teacher
+        if tuple(init.sample_shape) != tuple(teacher.sample_shape):
+            raise ConfigError(
+                f"the student makes samples of shape {tuple(init.sample_shape)} but the teacher "
+                f"{tuple(teacher.sample_shape)}; pick a student= that matches the data"
+            )
         self.generator = copy.deepcopy(init).requires_grad_(True).train()
         self.fake = copy.deepcopy(init).requires_grad_(True).train()
         self.ema = freeze(copy.deepcopy(self.generator))
@@ -116,10 +121,10 @@ class ScoreDistillation(L.LightningModule):
     def kimg(self) -> float:
         return float(self.nimg) / 1000
 
-    def generator_for(self, phase: str) -> torch.Generator:
-        """A generator seeded by (seed, rank, generator step, phase): per-rank, reproducible noise."""
+    def generator_for(self, phase: str, index: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, rank, generator step, phase, index): per-rank, reproducible noise."""
         rank = self.global_rank if self._trainer is not None else 0
-        key = [self.hparams.seed, rank, int(self.gen_steps), {"fake": 0, "gen": 1}[phase]]
+        key = [self.hparams.seed, rank, int(self.gen_steps), {"fake": 0, "gen": 1}[phase], index]
         seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -129,9 +134,9 @@ class ScoreDistillation(L.LightningModule):
         sigma_init = self.hparams.sigma_init
         return net(sigma_init * z, torch.full((z.shape[0],), sigma_init, device=z.device), labels)
 
-    def draw(self, phase: str) -> torch.Tensor:
+    def draw(self, phase: str, index: int = 0) -> torch.Tensor:
         """Start a phase: seed its random stream and draw the generator noise z of its batch."""
-        self.rng = self.generator_for(phase)
+        self.rng = self.generator_for(phase, index)
         return torch.randn(self.batch_per_device, *self.sample_shape, generator=self.rng, device=self.device)
 
     def sample_sigma(self, n: int, law: str | None = None) -> torch.Tensor:
@@ -150,9 +155,9 @@ class ScoreDistillation(L.LightningModule):
         """Per-sample generator loss of samples x_g (with grad). Implemented by each method."""
         raise NotImplementedError
 
-    def fake_score_loss(self, labels) -> torch.Tensor:
+    def fake_score_loss(self, labels, index: int = 0) -> torch.Tensor:
         """ψ-step: the EDM denoising loss of the fake score on detached generator samples (SiD §3.1)."""
-        z = self.draw("fake")
+        z = self.draw("fake", index)
         self.generator.eval()
         with torch.no_grad():
             x_g = self.generate(z, labels)
@@ -181,9 +186,9 @@ class ScoreDistillation(L.LightningModule):
     def training_step(self, batch, batch_idx):
         labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
         opt_g, opt_f = self.optimizers()
-        for _ in range(self.hparams.fake_updates):
+        for index in range(self.hparams.fake_updates):
             self.fake.requires_grad_(True)
-            loss_f = self.finite_mean(self.fake_score_loss(labels))
+            loss_f = self.finite_mean(self.fake_score_loss(labels, index))
             self.step_optimizer(opt_f, loss_f, self.fake.parameters(), self.hparams.loss_scaling)
         self.fake.requires_grad_(False)  # θ-step: ψ's parameters frozen, gradients flow through its input
         x_g = self.generate(self.draw("gen"), labels)
