@@ -8,12 +8,15 @@ of teacher versus one-step student.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distillbench.callbacks import KimgBudget, PeriodicEvaluation
 from distillbench.config import CONFIG_DIR
@@ -21,6 +24,7 @@ from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
+from distillbench.utils.io import atomic_writer
 from distillbench.utils.logging import instantiate_loggers
 from distillbench.utils.plots import plot_curves
 from distillbench.utils.runs import output_dir, task, write_config, write_summary
@@ -52,19 +56,30 @@ def throughput(fn, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def evaluate_teacher(cfg, teacher, datamodule, metrics, evaluation, method) -> dict:
-    """The teacher's sampler on the same fixed noise and labels as the student's evaluation."""
+def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, torch.Tensor]:
+    """The teacher's sampler on the evaluation noise and labels: figures and a grid, cached on disk.
+
+    The cache key is the teacher (config and training record), sampler and evaluation settings, so a sweep
+    pays once.
+    """
+    key = json.dumps([OmegaConf.to_container(c, resolve=True) for c in (cfg.teacher, cfg.teacher_sampler,
+                      cfg.metrics, cfg.eval)] + [datamodule.name, getattr(teacher, "info", {})], sort_keys=True,
+                     default=str)  # fmt: skip
+    path = Path(cfg.paths.cache_dir) / "teacher_eval" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        return cached["figures"], cached["grid"]
     sampler = hydra.utils.instantiate(cfg.teacher_sampler)
     probs = datamodule.label_distribution if method.num_classes else None
     start = time.perf_counter()
     x, _, nfe = generate(sampler, teacher, cfg.eval.n, cfg.eval.batch_size, cfg.eval.noise_seed, probs)
-    rate = cfg.eval.n / (time.perf_counter() - start)
-    return {
-        "nfe": nfe,
-        "samples_per_second": rate,
-        **metrics.evaluate(x, datamodule),
-        "grid": x[: cfg.eval.grid_size],
-    }
+    figures = {"nfe": nfe, "samples_per_second": cfg.eval.n / (time.perf_counter() - start)}
+    figures |= metrics.evaluate(x, datamodule)
+    grid = x[: cfg.eval.grid_size]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path, binary=True) as tmp:
+        torch.save({"figures": figures, "grid": grid}, tmp)
+    return figures, grid
 
 
 def train(cfg: DictConfig) -> dict:
@@ -91,8 +106,8 @@ def train(cfg: DictConfig) -> dict:
                "nonfinite_grads": int(method.nonfinite_grads),
                "student": {k: v for k, v in student.items() if k not in ("kimg", "gen_step")}}  # fmt: skip
     if cfg.eval.teacher:
-        teacher_figures = evaluate_teacher(cfg, teacher, datamodule, metrics, evaluation, method)
-        save_samples_figure(teacher_figures.pop("grid"), out / "teacher.png", title="teacher")
+        teacher_figures, grid = evaluate_teacher(cfg, teacher, datamodule, metrics, method)
+        save_samples_figure(grid, out / "teacher.png", title=f"teacher, {teacher_figures['nfe']} NFE")
         summary["teacher"] = teacher_figures
     write_summary(cfg, summary)
     print_comparison(summary)
