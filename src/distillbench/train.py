@@ -62,9 +62,9 @@ def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, t
     The cache key is the teacher (config and training record), sampler and evaluation settings, so a sweep
     pays once.
     """
-    key = json.dumps([OmegaConf.to_container(c, resolve=True) for c in (cfg.teacher, cfg.teacher_sampler,
-                      cfg.metrics, cfg.eval)] + [datamodule.name, getattr(teacher, "info", {})], sort_keys=True,
-                     default=str)  # fmt: skip
+    configs = [OmegaConf.to_container(c, resolve=True) for c in (cfg.teacher, cfg.teacher_sampler, cfg.metrics)]
+    parts = [*configs, OmegaConf.to_container(cfg.eval), datamodule.name, getattr(teacher, "info", {})]
+    key = json.dumps(parts, sort_keys=True, default=str)
     path = Path(cfg.paths.cache_dir) / "teacher_eval" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         cached = torch.load(path, weights_only=False)
