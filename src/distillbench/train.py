@@ -62,7 +62,8 @@ def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, t
     The cache key is the teacher (config and training record), sampler and evaluation settings, so a sweep
     pays once.
     """
-    configs = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("teacher", "teacher_sampler", "metrics")]
+    groups = ("teacher", "teacher_sampler", "metrics")
+    configs = [OmegaConf.to_container(cfg[k], resolve=True) for k in groups]
     parts = [*configs, OmegaConf.to_container(cfg.eval), datamodule.name, getattr(teacher, "info", {})]
     key = json.dumps(parts, sort_keys=True, default=str)
     path = Path(cfg.paths.cache_dir) / "teacher_eval" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
