@@ -54,6 +54,7 @@ class PeriodicEvaluation(L.Callback):
                 self.next_kimg += self.every_kimg
 
     def on_train_start(self, trainer, pl_module):
+        declare_wandb_axes(trainer)
         if not self.history:
             self.evaluate(trainer, pl_module)
             self.next_kimg = self.every_kimg
@@ -61,3 +62,15 @@ class PeriodicEvaluation(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if not self.history or self.history[-1]["gen_step"] != int(pl_module.gen_steps):
             self.evaluate(trainer, pl_module)
+
+
+def declare_wandb_axes(trainer) -> None:
+    """W&B: plot ``eval/*`` and ``train/*`` against kimg, and summarise FID-like metrics by their minimum."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run = logger.experiment
+            run.define_metric("train/kimg")
+            run.define_metric("train/*", step_metric="train/kimg")
+            run.define_metric("eval/*", step_metric="train/kimg")
+            for pattern in ("eval/fid*", "eval/kid*"):
+                run.define_metric(pattern, step_metric="train/kimg", summary="min")
