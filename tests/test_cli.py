@@ -114,3 +114,36 @@ def test_every_experiment_config_composes(experiment):
     cfg = compose("train", [f"experiment={experiment}"])
     assert cfg.method._target_.startswith("distillbench.methods.")
     assert cfg.distill.batch_size > 0 and cfg.optim.lr > 0
+
+
+def test_sample_the_shipped_digits_teacher(tmp_path):
+    proc = run_cli(
+        "distillbench.sample", "teacher=digits", "sampler=dpmpp2m", "sampler.steps=4", "n=32",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )  # fmt: skip
+    folder = run_folder(proc)
+    samples = np.load(folder / "samples.npz")
+    assert samples["x"].shape == (32, 1, 8, 8) and samples["labels"].shape == (32,)
+    assert samples["x"].min() >= -1 and samples["x"].max() <= 1
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["nfe"] == 4 and "fid_clf@32" in summary and "is_clf@32" in summary
+
+
+def test_main_job_writes_the_output_contract(tmp_path):
+    """`python -m distillbench.train` (the main job), on a tiny budget."""
+    proc = run_cli(
+        "distillbench.train", "distill.batch_size=16", "distill.duration_kimg=0.048", "eval.n=64",
+        "eval.every_kimg=0.032", "teacher_sampler.steps=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    folder = run_folder(proc)
+    for name in ["config.yaml", "metrics.csv", "student.png", "teacher.png", "curves.png", "samples.npz"]:
+        assert (folder / name).is_file(), name
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["method"] == "SIM" and summary["gen_steps"] == 3
+    assert summary["student"]["nfe"] == 1 and summary["teacher"]["nfe"] == 3
+    assert "fid_clf@64" in summary["student"] and "is_clf@64" in summary["teacher"]
+    evals = [line for line in (folder / "metrics.csv").read_text().splitlines()[1:] if line.split(",")[1]]
+    assert len(evals) == 3, "evaluations at kimg 0, after 2 steps, and at the end"
+    assert "SIM on digits" in proc.stdout and "student" in proc.stdout

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from distillbench.samplers.generate import fixed_labels, fixed_noise
+from distillbench.utils.images import to_image_range
 
 
 class PeriodicEvaluation(L.Callback):
@@ -34,7 +35,7 @@ class PeriodicEvaluation(L.Callback):
             zb = z[start : start + self.batch_size].to(pl_module.device)
             lb = None if labels is None else labels[start : start + self.batch_size].to(pl_module.device)
             out.append(pl_module.sample(zb, lb).cpu())
-        return torch.cat(out)
+        return to_image_range(torch.cat(out))
 
     def evaluate(self, trainer, pl_module) -> dict:
         figures = self.metrics.evaluate(self.samples(pl_module), self.datamodule)

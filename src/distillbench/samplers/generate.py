@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from distillbench.utils.images import to_image_range
+
 NOISE_CHUNK = 1024
 _LABEL_STREAM = 1 << 32  # spawn key of the label generator, far from any chunk index
 
@@ -68,6 +70,8 @@ def generate(
 ):
     """Sample n points with ``fixed_noise``/``fixed_labels``; returns (x, labels, nfe_per_sample) on the CPU.
 
+    Images are clipped to [-1, 1]; other samples (2-D points) are returned as the sampler made them.
+
     All batches run the same deterministic sampler, so nfe_per_sample is the counted NFE of one batch.
     """
     if batch_size < 1:
@@ -86,4 +90,4 @@ def generate(
             nfe = result.nfe
             bar.advance(task, size)
     x = torch.cat(batches) if batches else torch.empty(0, *denoiser.sample_shape)
-    return x, labels, nfe
+    return to_image_range(x), labels, nfe

@@ -10,6 +10,11 @@ import torch
 from PIL import Image
 
 
+def to_image_range(x: torch.Tensor) -> torch.Tensor:
+    """Clip images (N×C×H×W) to [-1, 1], as EDM does before saving or measuring; other samples pass."""
+    return x.clamp(-1, 1) if x.ndim == 4 else x
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] images N×C×H×W → uint8 N×H×W×C."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
