@@ -150,6 +150,12 @@ class ScoreDistillation(L.LightningModule):
         noise = torch.randn(x_g.shape, generator=self.rng, device=x_g.device)
         return x_g + as_sigma_batch(sigma, x_g) * noise
 
+    def teacher_and_fake(self, x_g: torch.Tensor, labels):
+        """σ from the time law, x_t = x_g + σ·n, and (σ, D_φ(x_t), D_ψ(x_t)); gradients flow through x_t."""
+        sigma = self.sample_sigma(x_g.shape[0])
+        x_t = self.noised(x_g, sigma)
+        return sigma, self.teacher(x_t, sigma, labels), self.fake(x_t, sigma, labels)
+
     # ----------------------------------------------------------------------------------------------------
     def generator_loss(self, x_g: torch.Tensor, labels) -> torch.Tensor:
         """Per-sample generator loss of samples x_g (with grad). Implemented by each method."""

@@ -18,8 +18,6 @@ class DiffInstruct(ScoreDistillation):
     time_law = "p_edm"
 
     def generator_loss(self, x_g, labels):
-        sigma = self.sample_sigma(x_g.shape[0])
         with torch.no_grad():
-            x_t = self.noised(x_g, sigma)
-            gap = self.fake(x_t, sigma, labels) - self.teacher(x_t, sigma, labels)
-        return per_sample_sum(gap * x_g)
+            _, d_phi, d_psi = self.teacher_and_fake(x_g, labels)
+        return per_sample_sum((d_psi - d_phi) * x_g)

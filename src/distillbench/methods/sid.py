@@ -29,10 +29,7 @@ class SiD(ScoreDistillation):
         self.alpha = float(alpha)
 
     def generator_loss(self, x_g, labels):
-        sigma = self.sample_sigma(x_g.shape[0])
-        x_t = self.noised(x_g, sigma)
-        f_phi = self.teacher(x_t, sigma, labels)
-        f_psi = self.fake(x_t, sigma, labels)
+        _, f_phi, f_psi = self.teacher_and_fake(x_g, labels)
         gap = f_phi - f_psi
         loss = per_sample_sum(gap * ((f_phi - x_g) - self.alpha * gap))
         return loss / sid_weight(x_g, f_phi)

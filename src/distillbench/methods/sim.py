@@ -53,10 +53,7 @@ class SIM(ScoreDistillation):
         self.detach_normaliser = bool(detach_normaliser)
 
     def generator_loss(self, x_g, labels):
-        sigma = self.sample_sigma(x_g.shape[0])
-        x_t = self.noised(x_g, sigma)
-        d_phi = self.teacher(x_t, sigma, labels)
-        d_psi = self.fake(x_t, sigma, labels)
+        sigma, d_phi, d_psi = self.teacher_and_fake(x_g, labels)
         s2 = sigma.reshape(-1, *[1] * (x_g.ndim - 1)) ** 2
         y = (d_psi - d_phi) / s2  # s_ψ − s_φ
         u = (d_psi - x_g) / s2  # s_ψ − ∇log q(x_t | x_g)
