@@ -17,8 +17,8 @@ help: ## Show the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-# Reinstalls only when pyproject.toml or this Makefile changed.
-$(STAMP): pyproject.toml Makefile | $(PY)
+# Reinstalls only when pyproject.toml changed.
+$(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
 	$(PIP) install --quiet -e ".[dev]"
