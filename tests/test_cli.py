@@ -75,6 +75,7 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
             ["data=cifar10", "data.root=/nonexistent/cifar", "teacher=analytic"],
             "/nonexistent/cifar",
         ),
+        ("sample", ["data=mnist", "data.limit=16", "teacher=digits"], "(1, 8, 8) but data 'mnist' has shape"),
         ("train", ["data=toy2d", "trainer=ddp_sim", "distill.batch_size=63"], "distill.batch_size=63"),
         ("train", ["data=toy2d", "distill.sigma_init=0"], "method.sigma_init=0"),
         ("train", ["data=toy2d", "optim.lr=-1"], "optim.lr=-1"),
