@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from distillbench.data.base import per_device_batch
 from distillbench.errors import ConfigError
 from distillbench.teachers.denoiser import Denoiser, as_sigma_batch, freeze
 from distillbench.teachers.training import edm_loss
@@ -106,16 +107,12 @@ class ScoreDistillation(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.teacher.to(self.device)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if self.hparams.batch_size % world:
-            raise ConfigError(
-                f"method.batch_size={self.hparams.batch_size} is not divisible by the {world} processes"
-            )
+        per_device_batch(self.hparams.batch_size, self.trainer.world_size, key="method.batch_size")
 
     @property
     def batch_per_device(self) -> int:
         world = self.trainer.world_size if self._trainer is not None else 1
-        return self.hparams.batch_size // world
+        return per_device_batch(self.hparams.batch_size, world, key="method.batch_size")
 
     @property
     def kimg(self) -> float:
