@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(cwd / "cache"), HYDRA_FULL_ERROR="0")
+    flags = [o for o in overrides if o.startswith("-")]  # -m and friends go before the overrides
     proc = subprocess.run(
-        [sys.executable, "-m", module, "threads=1", *overrides],
+        [sys.executable, "-m", module, *flags, "threads=1", *(o for o in overrides if o not in flags)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if check and proc.returncode != 0:
@@ -107,11 +108,18 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
 
 
+EVALUATE_EXPERIMENTS = {"fid_vs_nfe"}  # experiments of `python -m distillbench.evaluate`; the rest train
+
+
 @pytest.mark.parametrize(
     "experiment", sorted(p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
                          for p in (ROOT / "conf/experiment").rglob("*.yaml"))
 )  # fmt: skip
 def test_every_experiment_config_composes(experiment):
+    if experiment in EVALUATE_EXPERIMENTS:
+        cfg = compose("evaluate", [f"experiment={experiment}"])
+        assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+        return
     cfg = compose("train", [f"experiment={experiment}"])
     assert cfg.method._target_.startswith("distillbench.methods.")
     assert cfg.distill.batch_size > 0 and cfg.optim.lr > 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -11,10 +14,44 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 CONFIG_DIR = str(PACKAGE_DIR.parents[1] / "conf")
 
 
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_group(experiment: str | None, task_name: str) -> str:
+    """W&B group: the experiment (or task) name, plus the sweep folder's name when in a ``-m`` sweep."""
+    base = experiment or task_name
+    return f"{base}/{Path(HydraConfig.get().sweep.dir).name}" if in_sweep() else base
+
+
+def swept_keys() -> set[str]:
+    """Keys the running sweep varies: sweeps on its command line (``method=sim,sid``) and sweeper params."""
+    hc = HydraConfig.get()
+    sweep_cfg = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml")  # written by Hydra before any job
+    parsed = OverridesParser.create().parse_overrides(list(sweep_cfg.hydra.overrides.task))
+    params = OmegaConf.select(sweep_cfg, "hydra.sweeper.params") or {}
+    return {o.get_key_element() for o in parsed if o.is_sweep_override()} | set(params)
+
+
+def run_name() -> str | None:
+    """W&B run name: the job's swept settings in a sweep (``method=sid,optim.lr=1e-5``); else W&B's own."""
+    if not in_sweep():
+        return None
+    keys = swept_keys()
+    own = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in keys]
+    return ",".join(own) or None
+
+
 def register_resolvers() -> None:
-    """``${distillbench.assets:}`` → the shipped assets folder (teachers, metric classifiers)."""
-    if not OmegaConf.has_resolver("distillbench.assets"):
-        OmegaConf.register_new_resolver("distillbench.assets", lambda: str(ASSETS_DIR))
+    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B."""
+    resolvers = {
+        "distillbench.assets": lambda: str(ASSETS_DIR),
+        "distillbench.run_group": run_group,
+        "distillbench.run_name": run_name,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distillbench.callbacks import KimgBudget, PeriodicEvaluation
+from distillbench.callbacks.stages import StageEvaluation
 from distillbench.config import CONFIG_DIR
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
@@ -38,13 +39,21 @@ def build(cfg: DictConfig):
     teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
     student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
-    train_data = NoiseDataModule(like=datamodule, batch_size=cfg.distill.batch_size, seed=cfg.seed)
+    if getattr(method, "trains_on_real_data", False):  # progressive/guided distillation
+        datamodule.batch_size = cfg.distill.batch_size
+        train_data = datamodule
+    else:
+        train_data = NoiseDataModule(like=datamodule, batch_size=cfg.distill.batch_size, seed=cfg.seed)
     metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.eval.n)
     evaluation = PeriodicEvaluation(metrics, datamodule, cfg.eval.every_kimg, cfg.eval.n, cfg.eval.noise_seed,
-                                    cfg.eval.batch_size)  # fmt: skip
+                                    cfg.eval.batch_size, cfg.eval.grid_size, output_dir(cfg))  # fmt: skip
+    if hasattr(method, "finished_stages"):  # staged methods stop themselves after their last stage
+        callbacks = [evaluation, StageEvaluation(evaluation)]
+    else:
+        callbacks = [evaluation, KimgBudget(cfg.distill.duration_kimg)]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[evaluation, KimgBudget(cfg.distill.duration_kimg)],
-        logger=instantiate_loggers(cfg.get("logger")), max_steps=-1, max_epochs=-1,
+        cfg.trainer, callbacks=callbacks,
+        logger=instantiate_loggers(cfg.get("logger"), output_dir(cfg)), max_steps=-1, max_epochs=-1,
     )  # fmt: skip
     per_device_batch(cfg.distill.batch_size, trainer.world_size, key="distill.batch_size")
     return datamodule, teacher, method, train_data, metrics, evaluation, trainer
@@ -95,17 +104,21 @@ def train(cfg: DictConfig) -> dict:
     rate = throughput(
         lambda: method.sample(z[:256], None if labels is None else labels[:256]), min(256, len(z))
     )
-    student = {"nfe": 1, "samples_per_second": rate, **evaluation.history[-1]}
+    nfe = getattr(method, "steps", 1)
+    student = {"nfe": nfe, "samples_per_second": rate, **evaluation.history[-1]}
     np.savez(
         out / "samples.npz", x=student_x.numpy(), **({} if labels is None else {"labels": labels.numpy()})
     )
-    save_samples_figure(student_x[: cfg.eval.grid_size], out / "student.png", title="one-step student")
+    save_samples_figure(student_x[: cfg.eval.grid_size], out / "student.png", title=f"{nfe}-step student")
     plot_curves(evaluation.history, out / "curves.png", title=f"{type(method).__name__} on {datamodule.name}")
 
     summary = {"method": type(method).__name__, "data": datamodule.name, "kimg": method.kimg,
                "gen_steps": int(method.gen_steps), "dropped_samples": int(method.dropped_samples),
                "nonfinite_grads": int(method.nonfinite_grads),
                "student": {k: v for k, v in student.items() if k not in ("kimg", "gen_step")}}  # fmt: skip
+    stages = next((c.history for c in trainer.callbacks if isinstance(c, StageEvaluation)), None)
+    if stages is not None:
+        summary["stages"] = stages
     if cfg.eval.teacher:
         teacher_figures, grid = evaluate_teacher(cfg, teacher, datamodule, metrics, method)
         save_samples_figure(grid, out / "teacher.png", title=f"teacher, {teacher_figures['nfe']} NFE")

@@ -1,52 +1,109 @@
-"""Evaluate the EMA generator every N kimg on noise and labels fixed across evaluations and runs."""
+"""Evaluate the EMA generator every N kimg on noise and labels fixed across evaluations and runs.
+
+Under DDP each rank samples its own share of the n fixed inputs (global sample indices, so the set is the
+one a single process makes), the shares are gathered on every rank, rank 0 measures and broadcasts the
+figures. Every rank takes part in both collectives, so none waits on another.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import pandas as pd
 import torch
 
 from distillbench.samplers.generate import fixed_labels, fixed_noise
-from distillbench.utils.images import to_image_range
+from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER
+from distillbench.utils.images import save_samples_figure, to_image_range
+from distillbench.utils.io import atomic_writer
+
+
+def shard(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Global sample indices [start, stop) of ``rank``'s share of ``n``."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 class PeriodicEvaluation(L.Callback):
-    """Logs ``eval/<metric>`` against ``train/kimg`` at kimg 0, every ``every_kimg`` and at the end."""
+    """Logs ``eval/<metric>`` against ``train/kimg`` at kimg 0, every ``every_kimg`` and at the end.
+
+    With ``run_dir`` it also appends the row to ``<run_dir>/eval.csv`` and saves the sample grid of the
+    first ``grid_size`` fixed inputs as ``<run_dir>/grids/step_<generator step>.png``; the grid goes to
+    W&B and TensorBoard as an image at the same x-axis point.
+    """
 
     def __init__(
-        self, metrics, datamodule, every_kimg: float, n: int, noise_seed: int = 0, batch_size: int = 500
+        self,
+        metrics,
+        datamodule,
+        every_kimg: float,
+        n: int,
+        noise_seed: int = 0,
+        batch_size: int = 500,
+        grid_size: int = 64,
+        run_dir: str | Path | None = None,
     ):
         self.metrics = metrics
         self.datamodule = datamodule
         self.every_kimg = float(every_kimg)
         self.n, self.noise_seed, self.batch_size = int(n), int(noise_seed), int(batch_size)
+        self.grid_size = int(grid_size)
+        self.run_dir = None if run_dir is None else Path(run_dir)
         self.history: list[dict] = []
         self.next_kimg = 0.0
+        self._declared: set[str] = set()
 
-    def fixed_inputs(self, pl_module):
-        z = fixed_noise(self.n, pl_module.sample_shape, self.noise_seed)
+    def fixed_inputs(self, pl_module, start: int = 0, stop: int | None = None):
+        """Noise and labels of global evaluation indices [start, stop) (the same in every run)."""
+        stop = self.n if stop is None else stop
+        z = fixed_noise(stop - start, pl_module.sample_shape, self.noise_seed, offset=start)
         probs = self.datamodule.label_distribution if pl_module.num_classes else None
-        return z, fixed_labels(self.n, probs, self.noise_seed)
+        labels = fixed_labels(stop, probs, self.noise_seed)
+        return z, None if labels is None else labels[start:stop]
 
     @torch.no_grad()
-    def samples(self, pl_module) -> torch.Tensor:
-        z, labels = self.fixed_inputs(pl_module)
-        out = []
-        for start in range(0, self.n, self.batch_size):
-            zb = z[start : start + self.batch_size].to(pl_module.device)
-            lb = None if labels is None else labels[start : start + self.batch_size].to(pl_module.device)
-            out.append(pl_module.sample(zb, lb).cpu())
-        return to_image_range(torch.cat(out))
+    def samples(self, pl_module, trainer=None, sample=None) -> torch.Tensor:
+        """All n samples of ``sample`` (default: the EMA generator) on the fixed inputs, from every rank."""
+        sample = sample or pl_module.sample
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        start, stop = shard(self.n, world, rank)
+        z, labels = self.fixed_inputs(pl_module, start, stop)
+        out = [torch.empty(0, *pl_module.sample_shape)]
+        for i in range(0, len(z), self.batch_size):
+            zb = z[i : i + self.batch_size].to(pl_module.device)
+            lb = None if labels is None else labels[i : i + self.batch_size].to(pl_module.device)
+            out.append(sample(zb, lb).float().cpu())
+        local = to_image_range(torch.cat(out))
+        return local if world == 1 else gather_shards(trainer, local, self.n)
+
+    def measure(self, trainer, pl_module, sample=None) -> tuple[dict, torch.Tensor]:
+        """The metrics of :meth:`samples` (measured on rank 0, sent to every rank) and the samples."""
+        x = self.samples(pl_module, trainer, sample)
+        figures = self.metrics.evaluate(x, self.datamodule) if trainer.is_global_zero else None
+        return trainer.strategy.broadcast(figures, src=0), x
 
     def evaluate(self, trainer, pl_module) -> dict:
-        figures = self.metrics.evaluate(self.samples(pl_module), self.datamodule)
+        figures, x = self.measure(trainer, pl_module)
         row = {"kimg": pl_module.kimg, "gen_step": int(pl_module.gen_steps), **figures}
         self.history.append(row)
-        for logger in trainer.loggers:
-            logger.log_metrics(
-                {f"eval/{k}": v for k, v in figures.items()} | {"train/kimg": row["kimg"]},
-                step=row["gen_step"],
-            )
+        if trainer.is_global_zero:
+            self.record(trainer, row, x[: self.grid_size])
         return row
+
+    def record(self, trainer, row: dict, grid: torch.Tensor) -> None:
+        """Send the row to every logger (and eval.csv), the grid to the image-capable ones and to disk."""
+        declare_wandb_metrics(trainer, row, self._declared)
+        scalars = {f"eval/{k}": v for k, v in row.items() if k not in ("kimg", "gen_step")}
+        axes = {"train/kimg": row["kimg"], "train/gen_step": row["gen_step"]}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars | axes, step=row["gen_step"])
+        if self.run_dir is None:
+            return
+        with atomic_writer(self.run_dir / EVAL_FILE) as tmp:
+            pd.DataFrame(self.history).to_csv(tmp, index=False)
+        picture = save_samples_figure(grid, self.run_dir / "grids" / f"step_{row['gen_step']:07d}.png",
+                                      title=f"kimg {row['kimg']:.2f}")  # fmt: skip
+        log_grid(trainer, picture, axes)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.kimg >= self.next_kimg:
@@ -56,6 +113,8 @@ class PeriodicEvaluation(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         declare_wandb_axes(trainer)
+        if self.run_dir is not None:
+            (self.run_dir / "grids").mkdir(parents=True, exist_ok=True)
         if not self.history:
             self.evaluate(trainer, pl_module)
             self.next_kimg = self.every_kimg
@@ -65,13 +124,54 @@ class PeriodicEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
 
+def gather_shards(trainer, local: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's share in rank order (shares are padded to equal size for the gather)."""
+    world = trainer.world_size
+    size = -(-n // world)
+    padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])])
+    gathered = trainer.strategy.all_gather(padded)
+    parts = [
+        gathered[r][: stop - start]
+        for r, (start, stop) in enumerate(shard(n, world, r) for r in range(world))
+    ]
+    return torch.cat(parts).cpu()
+
+
+def wandb_runs(trainer):
+    return [lg.experiment for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+
+
 def declare_wandb_axes(trainer) -> None:
-    """W&B: plot ``eval/*`` and ``train/*`` against kimg, and summarise FID-like metrics by their minimum."""
+    """W&B: plot ``train/*`` and ``eval/*`` against kimg (``train/gen_step`` is logged beside it)."""
+    for run in wandb_runs(trainer):
+        run.define_metric("train/kimg")
+        run.define_metric("train/gen_step")
+        run.define_metric("train/*", step_metric="train/kimg")
+        run.define_metric("eval/*", step_metric="train/kimg")
+
+
+def declare_wandb_metrics(trainer, row: dict, declared: set[str]) -> None:
+    """Summarise each metric by its best value (FID by its minimum); W&B needs exact names for summaries."""
+    for run in wandb_runs(trainer):
+        for name in row:
+            kind = name.split("@")[0].split("_")[0]
+            if "@" in name and kind in {"fid", "kid"} | HIGHER_IS_BETTER and name not in declared:
+                summary = "max" if kind in HIGHER_IS_BETTER else "min"
+                run.define_metric(f"eval/{name}", step_metric="train/kimg", summary=summary)
+                declared.add(name)
+
+
+def log_grid(trainer, picture: Path, axes: dict) -> None:
+    """The evaluation's sample grid as an image in W&B (at the same kimg) and TensorBoard."""
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            run = logger.experiment
-            run.define_metric("train/kimg")
-            run.define_metric("train/*", step_metric="train/kimg")
-            run.define_metric("eval/*", step_metric="train/kimg")
-            for pattern in ("eval/fid*", "eval/kid*"):
-                run.define_metric(pattern, step_metric="train/kimg", summary="min")
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            import wandb
+
+            logger.experiment.log({"eval/samples": wandb.Image(str(picture), caption=picture.stem)} | axes)
+        elif kind == "TensorBoardLogger":
+            import numpy as np
+            from PIL import Image
+
+            image = np.asarray(Image.open(picture).convert("RGB"))
+            logger.experiment.add_image("eval/samples", image, axes["train/gen_step"], dataformats="HWC")

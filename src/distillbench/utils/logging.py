@@ -1,12 +1,18 @@
-"""Loggers from config (CSV always; W&B offline when no API key is set)."""
+"""Loggers from config: CSV always; W&B offline without an API key, its run id kept with the checkpoints."""
 
 from __future__ import annotations
 
 import netrc
 import os
+import secrets
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+from distillbench.utils.io import atomic_write_text
+
+WANDB_ID_FILE = "checkpoints/wandb_id.txt"
 
 
 def wandb_has_credentials() -> bool:
@@ -18,22 +24,41 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def instantiate_loggers(logger_cfg: DictConfig | None) -> list:
-    """Build every ``_target_`` logger in the group; W&B goes offline (and says how to sync) without a key."""
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder: read from ``checkpoints/wandb_id.txt``, or made and saved there.
+
+    A resumed run (same folder) thus continues the same W&B run.
+    """
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def wandb_kwargs(conf: DictConfig, run_dir: Path | None) -> dict | None:
+    """Extra W&B arguments (offline without a key, the run id of the folder); None when W&B is disabled."""
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode == "disabled":
+        return None
+    kwargs = {} if run_dir is None else {"id": wandb_run_id(run_dir)}
+    if mode != "online" and not wandb_has_credentials():
+        kwargs["offline"] = True
+        print(
+            f"W&B: no API key, logging offline under {conf.save_dir}/wandb; "
+            "upload later with `wandb sync <that folder>/offline-run-*`"
+        )
+    return kwargs
+
+
+def instantiate_loggers(logger_cfg: DictConfig | None, run_dir: str | Path | None = None) -> list:
+    """Build every ``_target_`` logger in the group."""
     loggers = []
     for name, conf in (logger_cfg or {}).items():
         if conf is None or "_target_" not in conf:
             continue
-        kwargs = {}
-        if name == "wandb":
-            mode = os.environ.get("WANDB_MODE", "")
-            if mode == "disabled":
-                continue
-            if mode != "online" and not wandb_has_credentials():
-                kwargs["offline"] = True
-                print(
-                    f"W&B: no API key, logging offline under {conf.save_dir}/wandb; "
-                    "upload later with `wandb sync <that folder>/offline-run-*`"
-                )
-        loggers.append(hydra.utils.instantiate(conf, **kwargs))
+        kwargs = wandb_kwargs(conf, None if run_dir is None else Path(run_dir)) if name == "wandb" else {}
+        if kwargs is not None:
+            loggers.append(hydra.utils.instantiate(conf, **kwargs))
     return loggers

@@ -1,0 +1,136 @@
+"""``python -m distillbench.evaluate``: rows for students and teacher samplers, reuse, sweeps, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from distillbench.errors import ConfigError
+from distillbench.evaluate import COLUMNS, build, read_table, upsert_row
+from tests.test_cli import compose, run_cli, run_folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """The working folder of every command here (it holds the metric cache the commands share)."""
+    return tmp_path_factory.mktemp("evaluate")
+
+
+@pytest.fixture(scope="module")
+def student_run(workspace) -> Path:
+    """A tiny toy2d SIM training run (two generator steps)."""
+    proc = run_cli(
+        "distillbench.train", "data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.032",
+        "eval.n=64", "eval.every_kimg=1", "eval.teacher=false", "logger=csv",
+        f"hydra.run.dir={workspace / 'train'}", cwd=workspace,
+    )  # fmt: skip
+    return run_folder(proc)
+
+
+def evaluate(workspace: Path, results: Path, *overrides: str, check: bool = True):
+    return run_cli("distillbench.evaluate", f"results={results}", *overrides, cwd=workspace, check=check)
+
+
+def test_student_run_adds_a_row_that_matches_training_evaluation(workspace, student_run, tmp_path):
+    results = tmp_path / "results.csv"
+    proc = evaluate(workspace, results, f"run={student_run}", "n=64", f"hydra.run.dir={tmp_path / 'run'}")
+    table = pd.read_csv(results)
+    assert tuple(table.columns) == COLUMNS and len(table) == 1
+    row = table.iloc[0]
+    assert row["model"] == "train" and row["method"] == "SIM" and row["data"] == "toy2d"
+    assert row["extractor"] == "data" and row["n"] == 64 and row["nfe"] == 1 and row["samples_per_second"] > 0
+    trained = json.loads((student_run / "summary.json").read_text())["student"]
+    assert row["fid"] == pytest.approx(trained["fid_data@64"]), "same fixed noise as training's evaluation"
+    folder = run_folder(proc)
+    for name in ["config.yaml", "samples.png", "summary.json"]:
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "summary.json").read_text())["fid"] == pytest.approx(row["fid"])
+
+
+def test_teacher_row_has_the_sampler_nfe_and_is_reused(workspace, tmp_path):
+    results = tmp_path / "results.csv"
+    args = ["data=toy2d", "sampler=heun", "sampler.steps=3", "n=64"]
+    evaluate(workspace, results, *args, f"hydra.run.dir={tmp_path / 'first'}")
+    first = results.read_text()
+    row = pd.read_csv(results).iloc[0]
+    assert row["model"] == "teacher/toy2d/heun-3" and row["method"] == "heun" and row["nfe"] == 5
+    proc = evaluate(workspace, results, *args, f"hydra.run.dir={tmp_path / 'second'}")
+    assert "reused the row" in proc.stdout
+    assert results.read_text() == first
+    assert json.loads((tmp_path / "second" / "summary.json").read_text())["fid"] == row["fid"]
+    assert (tmp_path / "second" / "samples.png").is_file()
+
+
+def test_sweep_writes_the_fid_versus_nfe_table_and_figure(workspace, student_run, tmp_path):
+    results, sweep = tmp_path / "results.csv", tmp_path / "sweep"
+    proc = evaluate(
+        workspace, results, "-m", "data=toy2d", "n=64", f"run=teacher,{student_run}", "sampler=heun",
+        "sampler.steps=2,3", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert proc.stdout.count("reused the row") == 1, "the student's second job reuses its row"
+    table = pd.read_csv(sweep / "results.csv")
+    assert sorted(table["nfe"]) == [1, 3, 5]
+    assert len(pd.read_csv(results)) == 3
+    markdown = (sweep / "results.md").read_text().splitlines()
+    assert len(markdown) == 2 + 3 and "teacher/toy2d/heun-2" in markdown[2]
+    assert (sweep / "fid_vs_nfe.png").stat().st_size > 0
+
+
+def test_fid_vs_nfe_experiment_sweeps_both_teacher_samplers():
+    cfg = compose("evaluate", ["experiment=fid_vs_nfe"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params.sampler == "heun,dpmpp2m" and len(params["sampler.steps"].split(",")) >= 3
+    assert cfg.hydra.callbacks.sweep_report._target_ == "distillbench.evaluate.SweepReport"
+
+
+def test_upsert_replaces_the_row_of_its_key_and_keeps_the_others(tmp_path):
+    path = tmp_path / "results.csv"
+    filled = {"time": "t", "model": "m", "method": "SIM", "data": "toy2d", "extractor": "data", "n": 64,
+              "noise_seed": 0, "nfe": 1, "fid": 0.5}  # fmt: skip
+    row = dict.fromkeys(COLUMNS) | filled
+    upsert_row(path, row)
+    upsert_row(path, row | {"n": 128, "fid": 0.25})
+    upsert_row(path, row | {"fid": 0.125})
+    table = read_table(path)
+    assert list(table["n"]) == ["128", "64"] and list(table["fid"]) == ["0.25", "0.125"]
+    assert list(table["is"]) == ["", ""]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.csv.lock", "results.csv"]
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match="is not a results table"):
+        upsert_row(path, row)
+    assert path.read_text() == "a,b\n1,2\n", "a foreign file is never overwritten"
+
+
+@pytest.mark.parametrize("case", ["no_checkpoint", "lone_checkpoint"])
+def test_bad_run_exits_2_naming_the_expected_files(workspace, student_run, tmp_path, case):
+    folder = tmp_path / "run_folder"
+    folder.mkdir()
+    if case == "no_checkpoint":
+        (folder / "config.yaml").write_text((student_run / "config.yaml").read_text())
+        run, message = folder, f"{folder / 'checkpoints' / 'last.ckpt'} not found"
+    else:
+        (folder / "last.ckpt").write_bytes((student_run / "checkpoints" / "last.ckpt").read_bytes())
+        run = folder / "last.ckpt"
+        message = f"looked for {folder / 'config.yaml'} and {tmp_path / 'config.yaml'}"
+    results = tmp_path / "results.csv"
+    proc = evaluate(workspace, results, f"run={run}", f"hydra.run.dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not results.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run=/nonexistent/run"], "run=/nonexistent/run: no such run folder"),
+        (["run=teacher", "n=0"], "n=0 must be >= 1"),
+        (["run=/nonexistent/run", "n=0"], "n=0 must be >= 1"),
+    ],
+)
+def test_bad_request_is_a_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build(compose("evaluate", overrides))

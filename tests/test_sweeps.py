@@ -1,0 +1,155 @@
+"""Hydra ``-m`` sweeps of training jobs: one folder per job, shared evaluation points, a combined figure."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from distillbench.callbacks.evaluation import PeriodicEvaluation, declare_wandb_metrics, gather_shards, shard
+from distillbench.sweeps import load_sweep, plot_sweep
+from tests.test_cli import compose, run_cli
+
+TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=256",
+        "eval.every_kimg=0.032", "teacher_sampler.steps=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep_2x2(tmp_path_factory):
+    """``-m method=sim,sid optim.lr=1e-4,1e-3`` on toy2d: four tiny jobs under one sweep folder."""
+    root = tmp_path_factory.mktemp("sweep")
+    proc = run_cli(
+        "distillbench.train", "-m", "method=sim,sid", "optim.lr=1e-4,1e-3", *TINY,
+        f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
+    )  # fmt: skip
+    return root / "sweep", proc
+
+
+def test_a_2x2_sweep_makes_four_runs_with_the_same_evaluation_points(sweep_2x2):
+    sweep, proc = sweep_2x2
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    kimgs = [tuple(pd.read_csv(job / "eval.csv")["kimg"].round(6)) for job in jobs]
+    assert len(set(kimgs)) == 1 and kimgs[0] == (0.0, 0.032, 0.064)
+    combined = pd.read_csv(sweep / "curves.csv")
+    assert len(combined) == 4 * 3
+    assert set(zip(combined["method"], combined["optim.lr"], strict=True)) == {
+        ("sim", 1e-4), ("sim", 1e-3), ("sid", 1e-4), ("sid", 1e-3)}  # fmt: skip
+    assert (sweep / "curves.png").stat().st_size > 10_000
+    assert "sweep summary:" in proc.stdout
+
+
+def test_every_sweep_job_keeps_its_grids_and_its_own_wandb_name_in_one_group(sweep_2x2):
+    sweep, _ = sweep_2x2
+    groups, names = set(), set()
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        assert len(list((job / "grids").glob("step_*.png"))) == 3, "a sample grid per evaluation"
+        wandb_cfg = yaml.safe_load((job / "config.yaml").read_text())["logger"]["wandb"]
+        groups.add(wandb_cfg["group"])
+        names.add(wandb_cfg["name"])
+    assert groups == {f"train/{sweep.name}"}, "one W&B group per sweep"
+    expected = {"method=sim,optim.lr=0.0001", "method=sim,optim.lr=0.001",
+                "method=sid,optim.lr=0.0001", "method=sid,optim.lr=0.001"}  # fmt: skip
+    assert names == expected, "named by the swept keys only"
+
+
+def test_a_sweep_loads_and_plots_from_a_notebook(sweep_2x2, tmp_path):
+    frame = load_sweep(sweep_2x2[0])
+    fig = plot_sweep(frame, tmp_path / "fig.png", metrics=["fid"], hue="method", panel="optim.lr")
+    assert len(fig.axes) == 2 and (tmp_path / "fig.png").is_file()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["sim", "sid"]
+
+
+def test_a_sweep_with_an_unknown_key_fails_before_any_job_runs(tmp_path):
+    proc = run_cli(
+        "distillbench.train", "-m", "method=sim,sid", "optim.lrr=1e-4,1e-5", *TINY,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "optim.lrr" in proc.stderr
+    assert not list(tmp_path.glob("sweep/*/eval.csv")), "no job may have started"
+
+
+def test_evaluation_noise_is_the_same_for_different_training_seeds(tmp_path):
+    from distillbench.train import build
+
+    inputs, train_noise = [], []
+    for seed in (0, 1):
+        cfg = compose("train", ["data=digits", f"seed={seed}", "eval.n=300", "logger=csv",
+                                f"paths.output_dir={tmp_path / str(seed)}"])  # fmt: skip
+        _, _, method, _, _, evaluation, _ = build(cfg)
+        inputs.append(evaluation.fixed_inputs(method))
+        train_noise.append(method.draw("gen"))
+    (z0, y0), (z1, y1) = inputs
+    assert torch.equal(z0, z1) and torch.equal(y0, y1)
+    assert not torch.equal(train_noise[0], train_noise[1]), "training noise must follow the seed"
+
+
+class _Strategy:
+    """Stands in for DDP's all_gather: every rank's padded share, stacked."""
+
+    def __init__(self, shares):
+        self.shares = shares
+
+    def all_gather(self, padded):
+        size = len(padded)
+        return torch.stack([torch.cat([s, s.new_zeros(size - len(s))]) for s in self.shares])
+
+
+class _Trainer:
+    def __init__(self, world, shares=None):
+        self.world_size, self.strategy = world, _Strategy(shares)
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 2), (7, 3), (1000, 4)])
+def test_ddp_shards_gather_back_into_the_single_process_sample_set(n, world):
+    everything = torch.arange(n, dtype=torch.float32)
+    bounds = [shard(n, world, r) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    shares = [everything[start:stop] for start, stop in bounds]
+    gathered = gather_shards(_Trainer(world, shares), shares[1], n)
+    assert torch.equal(gathered, everything)
+
+
+def test_evaluation_shards_draw_the_noise_of_their_global_indices():
+    class Module:
+        sample_shape, num_classes = (2,), 0
+
+    evaluation = PeriodicEvaluation(None, None, every_kimg=1, n=10, noise_seed=3)
+    whole, _ = evaluation.fixed_inputs(Module())
+    parts = [evaluation.fixed_inputs(Module(), *shard(10, 3, r))[0] for r in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_wandb_summarises_fid_by_its_minimum_with_exact_names():
+    calls = []
+
+    class Run:
+        def define_metric(self, name, **kwargs):
+            calls.append((name, kwargs.get("summary")))
+
+    class WandbLogger:
+        experiment = Run()
+
+    trainer = type("T", (), {"loggers": [WandbLogger()]})()
+    declared = set()
+    row = {"kimg": 0.0, "gen_step": 0, "fid_clf@1k": 3.0, "is_clf@1k": 9.0, "precision_clf@1k": 0.8}
+    declare_wandb_metrics(trainer, row, declared)
+    declare_wandb_metrics(trainer, row, declared)
+    assert calls == [("eval/fid_clf@1k", "min"), ("eval/is_clf@1k", "max"), ("eval/precision_clf@1k", "max")]
+
+
+def test_the_wandb_run_id_is_kept_beside_the_checkpoints(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from distillbench.utils.logging import wandb_kwargs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    conf = OmegaConf.create({"save_dir": str(tmp_path)})
+    first = wandb_kwargs(conf, tmp_path)
+    assert first["offline"] and (tmp_path / "checkpoints" / "wandb_id.txt").read_text().strip() == first["id"]
+    assert wandb_kwargs(conf, tmp_path)["id"] == first["id"], "a resumed run continues the same W&B run"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_kwargs(conf, tmp_path) is None
