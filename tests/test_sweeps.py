@@ -153,3 +153,58 @@ def test_the_wandb_run_id_is_kept_beside_the_checkpoints(tmp_path, monkeypatch):
     assert wandb_kwargs(conf, tmp_path)["id"] == first["id"], "a resumed run continues the same W&B run"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_kwargs(conf, tmp_path) is None
+
+
+class _Generator(__import__("lightning").LightningModule):
+    """A linear one-step 'generator' with the attributes the evaluation callback reads."""
+
+    sample_shape, num_classes = (2,), 0
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(2, 2)
+        self.register_buffer("gen_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def kimg(self) -> float:
+        return float(self.gen_steps) * 0.016
+
+    def sample(self, z, labels=None):
+        return self.net(z)
+
+    def training_step(self, batch, batch_idx):
+        self.gen_steps += 1
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(64, 2))
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _evaluate_under(strategy: str, devices: int, run_dir):
+    import lightning as L
+
+    from distillbench.data.toy2d import Toy2DDataModule
+    from distillbench.metrics import IdentityFeatures, MetricSuite
+
+    metrics = MetricSuite(IdentityFeatures(dim=2), n=301, metrics=["fid", "modes"])
+    evaluation = PeriodicEvaluation(metrics, Toy2DDataModule(n_train=2000), every_kimg=1.0, n=301,
+                                    batch_size=64, run_dir=run_dir)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", strategy=strategy, devices=devices, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[evaluation])  # fmt: skip
+    trainer.fit(_Generator())
+    return pd.read_csv(run_dir / "eval.csv")
+
+
+def test_two_ddp_processes_measure_the_single_process_sample_set(tmp_path):
+    """Real gloo DDP: both ranks sample their share and join the gather; rank 0's figures match 1 process."""
+    single = _evaluate_under("auto", 1, tmp_path / "single")
+    ddp = _evaluate_under("ddp_spawn", 2, tmp_path / "ddp")
+    assert ddp.loc[0, "fid_data@301"] == pytest.approx(single.loc[0, "fid_data@301"], rel=1e-6)
+    assert ddp.loc[0, "mode_share_0@301"] == single.loc[0, "mode_share_0@301"]
+    assert list(ddp["gen_step"]) == [0, 2], "evaluated at the start and at the end, on every rank in step"
