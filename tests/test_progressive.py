@@ -427,3 +427,20 @@ def test_the_one_step_guided_student_matches_the_guided_teacher_per_class():
         student_c, teacher_c = x_student[labels == c], x_teacher[labels == c]
         assert (student_c.mean(0) - teacher_c.mean(0)).abs().max() <= 0.03, c
         assert (student_c.std(0) - teacher_c.std(0)).abs().max() <= 0.02, c
+
+
+def test_the_train_command_runs_every_stage_and_reports_each_step_count(tmp_path):
+    import json
+
+    from tests.test_cli import run_cli, run_folder
+
+    proc = run_cli(
+        "distillbench.train", "method=progressive", "data=toy2d", "method.n_start=4",
+        "method.stage_kimg=null", "method.stage_steps=2", "distill.batch_size=32", "eval.n=256",
+        "eval.every_kimg=1", "teacher_sampler.steps=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    summary = json.loads((run_folder(proc) / "summary.json").read_text())
+    assert [row["nfe"] for row in summary["stages"]] == [4, 2, 1]
+    assert [row["gen_step"] for row in summary["stages"]] == [2, 4, 6]
+    assert summary["student"]["nfe"] == 1 and "fid_data@256" in summary["stages"][0]

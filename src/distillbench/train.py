@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distillbench.callbacks import KimgBudget, PeriodicEvaluation
-from distillbench.callbacks.stages import StageEvaluation
+from distillbench.callbacks import KimgBudget, PeriodicEvaluation, StageEvaluation
 from distillbench.config import CONFIG_DIR
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule

@@ -1,6 +1,7 @@
-"""Lightning callbacks: periodic evaluation on fixed noise and the kimg budget."""
+"""Lightning callbacks: periodic evaluation on fixed noise, per-stage evaluation and the kimg budget."""
 
 from distillbench.callbacks.budget import KimgBudget
 from distillbench.callbacks.evaluation import PeriodicEvaluation
+from distillbench.callbacks.stages import StageEvaluation
 
-__all__ = ["KimgBudget", "PeriodicEvaluation"]
+__all__ = ["KimgBudget", "PeriodicEvaluation", "StageEvaluation"]

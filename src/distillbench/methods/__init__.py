@@ -1,9 +1,12 @@
 """Distillation strategies. Score-based one-step methods share :class:`ScoreDistillation`; each adds only
-its generator loss (``sim.py``, ``sid.py``, ``di.py``)."""
+its generator loss (``sim.py``, ``sid.py``, ``di.py``). Progressive (and guided) distillation train a
+few-step student on real data (``progressive.py``, ``guided.py``)."""
 
 from distillbench.methods.base import ScoreDistillation
 from distillbench.methods.di import DiffInstruct
+from distillbench.methods.guided import GuidedDistillation
+from distillbench.methods.progressive import ProgressiveDistillation
 from distillbench.methods.sid import SiD
 from distillbench.methods.sim import SIM
 
-__all__ = ["DiffInstruct", "SIM", "ScoreDistillation", "SiD"]
+__all__ = ["DiffInstruct", "GuidedDistillation", "ProgressiveDistillation", "SIM", "ScoreDistillation", "SiD"]
