@@ -7,9 +7,12 @@ import os
 import secrets
 from pathlib import Path
 
+import importlib.util
+
 import hydra
 from omegaconf import DictConfig
 
+from distillbench.errors import MissingPackageError
 from distillbench.utils.io import atomic_write_text
 
 WANDB_ID_FILE = "checkpoints/wandb_id.txt"
@@ -52,12 +55,21 @@ def wandb_kwargs(conf: DictConfig, run_dir: Path | None) -> dict | None:
     return kwargs
 
 
+def check_tensorboard() -> None:
+    if not any(importlib.util.find_spec(m) for m in ("tensorboardX", "tensorboard")):
+        raise MissingPackageError(
+            "logger=tensorboard needs tensorboardX (or tensorboard): pip install -e '.[tensorboard]'"
+        )
+
+
 def instantiate_loggers(logger_cfg: DictConfig | None, run_dir: str | Path | None = None) -> list:
     """Build every ``_target_`` logger in the group."""
     loggers = []
     for name, conf in (logger_cfg or {}).items():
         if conf is None or "_target_" not in conf:
             continue
+        if conf._target_.endswith("TensorBoardLogger"):
+            check_tensorboard()
         kwargs = wandb_kwargs(conf, None if run_dir is None else Path(run_dir)) if name == "wandb" else {}
         if kwargs is not None:
             loggers.append(hydra.utils.instantiate(conf, **kwargs))

@@ -208,3 +208,30 @@ def test_two_ddp_processes_measure_the_single_process_sample_set(tmp_path):
     assert ddp.loc[0, "fid_data@301"] == pytest.approx(single.loc[0, "fid_data@301"], rel=1e-6)
     assert ddp.loc[0, "mode_share_0@301"] == single.loc[0, "mode_share_0@301"]
     assert list(ddp["gen_step"]) == [0, 2], "evaluated at the start and at the end, on every rank in step"
+
+
+def tensorboard_events(folder):
+    """Every Event in the TFRecord files of a TensorBoard folder (length, crc, payload, crc per record)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in folder.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
+def test_tensorboard_gets_the_curves_against_generator_steps_and_a_grid_per_evaluation(tmp_path):
+    run = f"hydra.run.dir={tmp_path / 'run'}"
+    run_cli("distillbench.train", *TINY, "logger=[csv,tensorboard]", run, cwd=tmp_path)
+    events = tensorboard_events(tmp_path / "run" / "tensorboard")
+    values = [(e.step, v.tag) for e in events for v in e.summary.value]
+    assert [step for step, tag in values if tag == "eval/samples"] == [0, 2, 4]
+    assert [step for step, tag in values if tag == "eval/fid_data_256"] == [0, 2, 4], (
+        "TensorBoard turns @ into _"
+    )
