@@ -51,7 +51,70 @@ def check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be > 0")
 
 
-class ScoreDistillation(L.LightningModule):
+def check_same_shape(student: Denoiser, teacher: Denoiser) -> None:
+    if tuple(student.sample_shape) != tuple(teacher.sample_shape):
+        raise ConfigError(
+            f"the student makes samples of shape {tuple(student.sample_shape)} but the teacher "
+            f"{tuple(teacher.sample_shape)}; pick a student= that matches the data"
+        )
+
+
+class DistillationMethod(L.LightningModule):
+    """What every strategy shares: the frozen teacher outside the module tree, the sample shape and classes,
+    progress in generator steps and kimg, per-rank seeding, and the non-finite guards with their counts.
+
+    Manual optimisation; ``global_step`` is never used for progress (it counts every optimiser).
+    """
+
+    def __init__(self, teacher: Denoiser, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
+        self.sample_shape = tuple(teacher.sample_shape)
+        self.num_classes = int(getattr(teacher, "num_classes", 0))
+        self.seed = int(seed)
+        self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
+        for name in ("gen_steps", "dropped_samples", "nonfinite_grads"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+
+    @property
+    def teacher(self) -> Denoiser:
+        return self._teacher[0]
+
+    def setup(self, stage: str) -> None:
+        self._teacher[0].to(self.device)
+
+    @property
+    def kimg(self) -> float:
+        return float(self.nimg) / 1000
+
+    def seeded_generator(self, *key: int) -> torch.Generator:
+        """A generator seeded by (seed, rank, generator step, *key): per-rank, reproducible noise."""
+        rank = self.global_rank if self._trainer is not None else 0
+        state = np.random.SeedSequence([self.seed, rank, int(self.gen_steps), *key]).generate_state(
+            1, np.uint64
+        )
+        return torch.Generator(device=self.device).manual_seed(int(state[0] >> 1))
+
+    def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Mean over the samples whose loss is finite; the others are dropped and counted."""
+        ok = torch.isfinite(per_sample)
+        self.dropped_samples += (~ok).sum()
+        if not ok.any():
+            return per_sample.new_zeros((), requires_grad=per_sample.requires_grad) * 0.0
+        return per_sample[ok].mean()
+
+    def repair_gradients(self, params) -> None:
+        """Count non-finite gradient entries and replace them (NaN → 0, ±Inf → ±1e5)."""
+        for p in params:
+            if p.grad is not None:
+                bad = ~torch.isfinite(p.grad)
+                if bad.any():
+                    self.nonfinite_grads += bad.sum()
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+class ScoreDistillation(DistillationMethod):
     """Manual-optimisation base: alternates ψ (fake score) and θ (generator) updates."""
 
     #: generator time law of the method (``p_sim`` or ``p_edm``); a subclass may make it configurable
@@ -75,38 +138,22 @@ class ScoreDistillation(L.LightningModule):
         t_max: float = 0.8,
         seed: int = 0,
     ):
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(teacher, seed)
         check_positive("method.sigma_init", sigma_init)
         check_positive("optim.lr", lr)
         check_positive("optim.fake_lr", fake_lr if fake_lr is not None else lr)
         if fake_updates < 1:
             raise ConfigError(f"method.fake_updates={fake_updates} must be >= 1")
         self.save_hyperparameters(ignore=["teacher", "student"])
-        self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
         init = student if student is not None else teacher
-        if tuple(init.sample_shape) != tuple(teacher.sample_shape):
-            raise ConfigError(
-                f"the student makes samples of shape {tuple(init.sample_shape)} but the teacher "
-                f"{tuple(teacher.sample_shape)}; pick a student= that matches the data"
-            )
+        check_same_shape(init, teacher)
         self.generator = copy.deepcopy(init).requires_grad_(True).train()
         self.fake = copy.deepcopy(init).requires_grad_(True).train()
         self.ema = freeze(copy.deepcopy(self.generator))
-        self.sample_shape = tuple(teacher.sample_shape)
-        self.num_classes = int(getattr(teacher, "num_classes", 0))
-        self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("gen_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("dropped_samples", torch.zeros((), dtype=torch.long))
-        self.register_buffer("nonfinite_grads", torch.zeros((), dtype=torch.long))
 
     # ----------------------------------------------------------------------------------------------------
-    @property
-    def teacher(self) -> Denoiser:
-        return self._teacher[0]
-
     def setup(self, stage: str) -> None:
-        self.teacher.to(self.device)
+        super().setup(stage)
         per_device_batch(self.hparams.batch_size, self.trainer.world_size, key="method.batch_size")
 
     @property
@@ -114,16 +161,9 @@ class ScoreDistillation(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         return per_device_batch(self.hparams.batch_size, world, key="method.batch_size")
 
-    @property
-    def kimg(self) -> float:
-        return float(self.nimg) / 1000
-
     def generator_for(self, phase: str, index: int = 0) -> torch.Generator:
-        """A generator seeded by (seed, rank, generator step, phase, index): per-rank, reproducible noise."""
-        rank = self.global_rank if self._trainer is not None else 0
-        key = [self.hparams.seed, rank, int(self.gen_steps), {"fake": 0, "gen": 1}[phase], index]
-        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        """The random stream of a phase (ψ-update ``index`` or the θ-update) of this generator step."""
+        return self.seeded_generator({"fake": 0, "gen": 1}[phase], index)
 
     def generate(self, z: torch.Tensor, labels=None, net: Denoiser | None = None) -> torch.Tensor:
         """G(z) = D(σ_init·z; σ_init, labels)."""
@@ -167,23 +207,10 @@ class ScoreDistillation(L.LightningModule):
         self.generator.train()
         return edm_loss(self.fake, x_g, labels, generator=self.rng).flatten()
 
-    def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Mean over the samples whose loss is finite; the others are dropped and counted."""
-        ok = torch.isfinite(per_sample)
-        self.dropped_samples += (~ok).sum()
-        if not ok.any():
-            return per_sample.new_zeros((), requires_grad=per_sample.requires_grad) * 0.0
-        return per_sample[ok].mean()
-
     def step_optimizer(self, opt, loss: torch.Tensor, params, scale: float) -> None:
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss * scale)
-        for p in params:
-            if p.grad is not None:
-                bad = ~torch.isfinite(p.grad)
-                if bad.any():
-                    self.nonfinite_grads += bad.sum()
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        self.repair_gradients(params)
         opt.step()
 
     def training_step(self, batch, batch_idx):

@@ -30,11 +30,10 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 
-import lightning as L
-import numpy as np
 import torch
 
 from distillbench.errors import ConfigError
+from distillbench.methods.base import DistillationMethod, check_same_shape
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
 from distillbench.teachers.denoiser import Denoiser, freeze
@@ -122,7 +121,7 @@ def stage_budgets(kimg, steps, stages: int, prefix: str = "method.stage") -> tup
     return "steps", per_stage(f"{prefix}_steps", steps, stages, "give every stage a positive step count")
 
 
-class ProgressiveDistillation(L.LightningModule):
+class ProgressiveDistillation(DistillationMethod):
     """Halves a deterministic sampler's step count stage by stage, from ``n_start`` student steps to 1.
 
     Stage k trains the student for n_start/2^k steps against two steps of its teacher. Finished stages are
@@ -149,8 +148,7 @@ class ProgressiveDistillation(L.LightningModule):
         schedule: Callable[..., torch.Tensor] = karras,
         seed: int = 0,
     ):
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(teacher, seed)
         self.n_start = check_power_of_two("method.n_start", n_start)
         self.stage_steps_list = [n_start >> k for k in range(n_start.bit_length())]  # n_start, …, 2, 1
         stages = len(self.stage_steps_list)
@@ -162,24 +160,16 @@ class ProgressiveDistillation(L.LightningModule):
             raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
         self.save_hyperparameters(ignore=["teacher", "student", "schedule"])
         init = student if student is not None else teacher
-        if tuple(init.sample_shape) != tuple(teacher.sample_shape):
-            raise ConfigError(
-                f"the student makes samples of shape {tuple(init.sample_shape)} but the teacher "
-                f"{tuple(teacher.sample_shape)}; pick a student= that matches the data"
-            )
-        self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
+        check_same_shape(init, teacher)
         self.student = copy.deepcopy(init).requires_grad_(True).train()
         self.previous_student = freeze(copy.deepcopy(self.student))  # the teacher of stages ≥ 1
         self.schedule = functools.partial(
             nested_schedule, finest=2 * n_start, base=schedule,
             sigma_min=float(teacher.sigma_min), sigma_max=float(teacher.sigma_max),
         )  # fmt: skip
-        self.sample_shape = tuple(teacher.sample_shape)
-        self.num_classes = int(getattr(teacher, "num_classes", 0))
         self.finished_stages: list[dict] = []
-        for name in ("stage", "stage_step", "gen_steps", "dropped_samples", "nonfinite_grads"):
+        for name in ("stage", "stage_step"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
-        self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
         self.register_buffer("stage_nimg", torch.zeros((), dtype=torch.float64))
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -202,10 +192,6 @@ class ProgressiveDistillation(L.LightningModule):
         return self.stage_steps_list[self.current_stage]
 
     @property
-    def kimg(self) -> float:
-        return float(self.nimg) / 1000
-
-    @property
     def total_kimg(self) -> float | None:
         """The whole run's length in kimg (None when the budgets are in steps)."""
         return sum(self.budgets) if self.budget_unit == "kimg" else None
@@ -223,16 +209,6 @@ class ProgressiveDistillation(L.LightningModule):
         """The student's deterministic sampler on its own grid (NFE = steps)."""
         return EulerSampler(steps=steps or self.steps, schedule=self.schedule)
 
-    def setup(self, stage: str) -> None:
-        self._teacher[0].to(self.device)
-
-    def generator_for_step(self) -> torch.Generator:
-        """A generator seeded by (seed, rank, step): per-rank, reproducible σ and noise."""
-        rank = self.global_rank if self._trainer is not None else 0
-        key = [self.hparams.seed, rank, int(self.gen_steps)]
-        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     # ---- loss ----------------------------------------------------------------------------------------------
     def distillation_loss(self, x0: torch.Tensor, labels, generator: torch.Generator) -> torch.Tensor:
         """Per-sample w(σ)·mean‖D_θ(x_σ; σ_i) − x̃‖² at a uniformly drawn student step i."""
@@ -246,14 +222,6 @@ class ProgressiveDistillation(L.LightningModule):
         error = (self.student(x, sigma.float(), labels) - target) ** 2
         return loss_weight(sigma, self.weighting) * error.flatten(1).mean(1)
 
-    def finite_mean(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
-        """Mean over the samples whose loss is finite; the others are dropped and counted."""
-        ok = torch.isfinite(per_sample_loss)
-        self.dropped_samples += (~ok).sum()
-        if not ok.any():
-            return per_sample_loss.new_zeros((), requires_grad=per_sample_loss.requires_grad) * 0.0
-        return per_sample_loss[ok].mean()
-
     # ---- optimisation --------------------------------------------------------------------------------------
     def learning_rate(self) -> float:
         """The stage's lr, decayed linearly to 0 over the stage's budget when ``lr_schedule=linear``."""
@@ -266,11 +234,7 @@ class ProgressiveDistillation(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for p in self.student.parameters() if p.grad is not None]
-        for p in params:
-            bad = ~torch.isfinite(p.grad)
-            if bad.any():
-                self.nonfinite_grads += bad.sum()
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        self.repair_gradients(params)
         if self.hparams.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
         opt.step()
@@ -281,7 +245,7 @@ class ProgressiveDistillation(L.LightningModule):
             return None
         x0 = batch[0]
         labels = batch[1] if self.num_classes and len(batch) > 1 else None
-        loss = self.finite_mean(self.distillation_loss(x0, labels, self.generator_for_step()))
+        loss = self.finite_mean(self.distillation_loss(x0, labels, self.seeded_generator()))
         lr = self.learning_rate()
         self.step_optimizer(self.optimizers(), loss, lr)
         self.log_dict(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 import secrets
 from pathlib import Path
-
-import importlib.util
 
 import hydra
 from omegaconf import DictConfig
