@@ -67,12 +67,13 @@ def throughput(fn, n: int) -> float:
 def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, torch.Tensor]:
     """The teacher's sampler on the evaluation noise and labels: figures and a grid, cached on disk.
 
-    The cache key is the teacher (config and training record), sampler and evaluation settings, so a sweep
-    pays once.
+    The cache key is the teacher (config and training record), its sampler, the metric suite and what is
+    measured (n, noise seed, grid size; not the evaluation cadence), so a sweep pays once.
     """
     groups = ("teacher", "teacher_sampler", "metrics")
     configs = [OmegaConf.to_container(cfg[k], resolve=True) for k in groups]
-    parts = [*configs, OmegaConf.to_container(cfg.eval), datamodule.name, getattr(teacher, "info", {})]
+    measured = [cfg.eval.n, cfg.eval.noise_seed, cfg.eval.grid_size]
+    parts = [*configs, measured, datamodule.name, getattr(teacher, "info", {})]
     key = json.dumps(parts, sort_keys=True, default=str)
     path = Path(cfg.paths.cache_dir) / "teacher_eval" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():

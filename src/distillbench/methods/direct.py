@@ -1,0 +1,315 @@
+"""Direct Distillation (Li & Zhang, §3.2, §3.4, §4.2; algorithms.md §7) of an EDM teacher's trajectory.
+
+The teacher's DPM-Solver++(2M) run over an N-step schedule passes the state x_k (at σ_k) after k steps and
+ends at x_N (``python -m distillbench.trajectories`` stores the pairs). A time-embedded NAFNet S_θ, fed
+t = c_noise = ln(σ_k)/4, maps x_k straight to x_N:
+
+    stage one   min_θ E d(S_θ(x_k, t), x_N),   d = L1 for the first 5/6 of its iterations, then L2 (§3.4)
+    stage two   min_φ E ‖R_φ(S_θ(x_k, t), t) − x_N‖²,   θ frozen (§4.2: "restore texture details")
+
+R_φ is a second NAFNet whose blocks sit in the shallow decoder layers; it starts as the identity. Each stage
+has its own Adam and a cosine annealing of its lr from ``lr`` to ``eta_min`` over its iterations.
+
+Sampling ("k + 1 steps"): the teacher's first k steps on the same N-step grid, then x̂ = R_φ(S_θ(x_k, t), t).
+NFE = k + 1: the refiner runs inside the student's one step, as in the paper's "7 + 1".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from distillbench.data.trajectories import read_manifest
+from distillbench.errors import ConfigError
+from distillbench.samplers.schedules import improved
+from distillbench.samplers.solvers import SampleResult
+from distillbench.teachers.denoiser import Denoiser, freeze
+from distillbench.trajectories import first_steps, solver
+
+
+# ---- the math ----------------------------------------------------------------------------------------------
+def time_input(sigma: torch.Tensor) -> torch.Tensor:
+    """The student's time t = c_noise = ln(σ)/4 (EDM's noise input), one per sample."""
+    return sigma.to(torch.float32).log() / 4
+
+
+def distance(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample mean |·| (``l1``) or mean (·)² (``l2``) of prediction − target."""
+    error = (prediction - target).flatten(1)
+    return error.abs().mean(1) if kind == "l1" else error.pow(2).mean(1)
+
+
+def cosine_lr(lr: float, eta_min: float, step: int, total: int) -> float:
+    """Cosine annealing (Loshchilov & Hutter): η_min + (η − η_min)·(1 + cos(π·step/total))/2."""
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+
+
+# ---- configuration checks ----------------------------------------------------------------------------------
+def check_int(key: str, value, low: int, high: float = math.inf, fix: str = "") -> int:
+    if not (isinstance(value, int) and low <= value <= high):
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ConfigError(f"{key}={value!r} must be an integer {bounds}{'; ' + fix if fix else ''}")
+    return value
+
+
+def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...]) -> None:
+    """The NAFNet's channels match the teacher's samples and H, W divide by its down-sampling."""
+    if len(shape) != 3:
+        raise ConfigError(f"direct distillation needs image samples (C, H, W), but the teacher makes {shape}")
+    if net.in_channels != shape[0]:
+        raise ConfigError(
+            f"{key}.in_channels={net.in_channels} but the teacher's samples have {shape[0]} channels; "
+            f"set {key}.in_channels={shape[0]} (or pick the net preset of this data)"
+        )
+    if shape[1] % net.multiple or shape[2] % net.multiple:
+        raise ConfigError(
+            f"{key} has {net.levels} levels of down-sampling, so H and W must be multiples of "
+            f"{net.multiple}, but the samples are {shape[1]}×{shape[2]}; use fewer levels in "
+            f"{key}.enc_blocks/dec_blocks"
+        )
+
+
+class DirectDistillation(L.LightningModule):
+    """Trains ``net`` (stage one) and the optional ``refiner`` (stage two) on trajectory pairs.
+
+    Batches are ``(x_k, σ_k, k, x_N, label)`` of
+    :class:`~distillbench.data.trajectories.TrajectoryDataModule`.
+    A record per finished stage goes to :attr:`finished_stages` (for ``StageEvaluation``); after the last
+    one the trainer is stopped. :attr:`steps` (= :attr:`nfe` = k + 1) is the sampler's NFE.
+    """
+
+    #: it trains on the batches of a trajectory data module, not on ``NoiseDataModule``
+    trains_on_real_data = True
+
+    def __init__(
+        self,
+        teacher: Denoiser,
+        net: nn.Module,
+        refiner: nn.Module | None = None,
+        student: Denoiser | None = None,
+        steps: int = 20,
+        k: int = 10,
+        schedule: Callable[..., torch.Tensor] = improved,
+        iterations: int = 3000,
+        refine_iterations: int = 1000,
+        l1_fraction: float = 5 / 6,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eta_min: float = 1e-7,
+        grad_clip: float | None = None,
+        trajectories: str | Path | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        if student is not None:
+            raise ConfigError(
+                "direct distillation trains method.net (a NAFNet), not a student=; drop student="
+            )
+        check_int("method.steps", steps, 2, fix="the N-step trajectory needs a middle")
+        self.k = check_int(
+            "method.k", k, 1, steps - 1, fix="the teacher takes k of the N steps, 1 ≤ k ≤ N − 1"
+        )
+        self.budgets = [check_int("method.iterations", iterations, 1)]
+        check_int("method.refine_iterations", refine_iterations, 0)
+        if (refiner is None) != (refine_iterations == 0):
+            raise ConfigError(
+                f"method.refine_iterations={refine_iterations} with method.refiner="
+                f"{'null' if refiner is None else type(refiner).__name__}: stage two needs both, a refiner "
+                "net and its iterations; set both, or method.refiner=null and method.refine_iterations=0"
+            )
+        self.budgets += [refine_iterations] if refiner is not None else []
+        if not 0 <= l1_fraction <= 1:
+            raise ConfigError(f"method.l1_fraction={l1_fraction} must lie in [0, 1] (the paper: 5/6)")
+        if not lr > 0 or not 0 <= eta_min < lr:
+            raise ConfigError(f"method.lr={lr} and method.eta_min={eta_min} need 0 <= eta_min < lr")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
+        self.sample_shape = tuple(teacher.sample_shape)
+        check_net_fits("method.net", net, self.sample_shape)
+        if refiner is not None:
+            check_net_fits("method.refiner", refiner, self.sample_shape)
+        self.save_hyperparameters(ignore=["teacher", "net", "refiner", "student", "schedule"])
+        self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
+        self.net, self.refiner = net.train(), refiner
+        self.sampler = solver(steps, schedule)
+        self.num_classes = int(getattr(teacher, "num_classes", 0))
+        if trajectories is not None:
+            self.check_trajectories(read_manifest(Path(trajectories)), f"method.trajectories={trajectories}")
+        self.finished_stages: list[dict] = []
+        for name in ("stage", "stage_step", "gen_steps", "dropped_samples", "nonfinite_grads"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
+
+    def check_trajectories(self, manifest: dict, where: str) -> None:
+        """The pairs were made by this teacher's sample shape on this method's N-step grid."""
+        if tuple(manifest["sample_shape"]) != self.sample_shape:
+            raise ConfigError(
+                f"{where} holds samples of shape {tuple(manifest['sample_shape'])} but the teacher makes "
+                f"{self.sample_shape}; use the teacher= that made them"
+            )
+        grid = self.sigmas.tolist()
+        if len(grid) != len(manifest["sigmas"]) or not torch.allclose(
+            torch.tensor(grid, dtype=torch.float64), torch.tensor(manifest["sigmas"], dtype=torch.float64)
+        ):
+            raise ConfigError(
+                f"{where} was made on the {manifest['steps']}-step σ grid {manifest['sigmas']}, but "
+                f"method.steps={self.sampler.steps} and method.schedule give {grid}; set them as the "
+                f"trajectories command had them (steps={manifest['steps']}, schedule={manifest['schedule']})"
+            )
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> Denoiser:
+        return self._teacher[0]
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The teacher's N-step σ grid (float64, N + 1 values ending in 0)."""
+        return self.sampler.sigmas(self.teacher)
+
+    @property
+    def steps(self) -> int:
+        """NFE of :meth:`sample`: k teacher steps plus the student's one."""
+        return self.k + 1
+
+    nfe = steps
+
+    @property
+    def kimg(self) -> float:
+        return float(self.nimg) / 1000
+
+    @property
+    def done(self) -> bool:
+        return int(self.stage) >= len(self.budgets)
+
+    @property
+    def current_stage(self) -> int:
+        return min(int(self.stage), len(self.budgets) - 1)
+
+    @property
+    def trained_net(self) -> nn.Module:
+        """The network the current stage trains: the student, then the refiner."""
+        return self.net if self.current_stage == 0 else self.refiner
+
+    def loss_kind(self) -> str:
+        """L1 for the first ``l1_fraction`` of stage one, L2 after it and in stage two."""
+        l1_steps = round(self.hparams.l1_fraction * self.budgets[0])
+        return "l1" if self.current_stage == 0 and int(self.stage_step) < l1_steps else "l2"
+
+    def learning_rate(self) -> float:
+        h = self.hparams
+        return cosine_lr(h.lr, h.eta_min, int(self.stage_step), self.budgets[self.current_stage])
+
+    def setup(self, stage: str) -> None:
+        self.teacher.to(self.device)
+        manifest = getattr(self.trainer.datamodule, "manifest", None)
+        if manifest is not None:
+            self.check_trajectories(manifest, f"data.root={self.trainer.datamodule.root}")
+
+    # ---- loss and optimisation -----------------------------------------------------------------------------
+    def direct(self, x_k: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x̂_N = R_φ(S_θ(x_k, t), t), or S_θ(x_k, t) without a refiner."""
+        t = time_input(sigma)
+        x = self.net(x_k, t)
+        return x if self.refiner is None else self.refiner(x, t)
+
+    def stage_loss(self, x_k: torch.Tensor, sigma: torch.Tensor, x_final: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss of the current stage: d(S_θ(x_k), x_N), or ‖R_φ(S_θ(x_k)) − x_N‖² with θ fixed."""
+        t = time_input(sigma)
+        if self.current_stage == 0:
+            return distance(self.net(x_k, t), x_final, self.loss_kind())
+        with torch.no_grad():
+            student = self.net(x_k, t)
+        return distance(self.refiner(student, t), x_final, "l2")
+
+    def finite_mean(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        """Mean over the samples whose loss is finite; the others are dropped and counted."""
+        ok = torch.isfinite(per_sample_loss)
+        self.dropped_samples += (~ok).sum()
+        if not ok.any():
+            return per_sample_loss.new_zeros((), requires_grad=per_sample_loss.requires_grad) * 0.0
+        return per_sample_loss[ok].mean()
+
+    def step_optimizer(self, opt, loss: torch.Tensor, lr: float) -> None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = [p for p in self.trained_net.parameters() if p.grad is not None]
+        for p in params:
+            bad = ~torch.isfinite(p.grad)
+            if bad.any():
+                self.nonfinite_grads += bad.sum()
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        if self.hparams.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
+        opt.step()
+
+    def training_step(self, batch, batch_idx):
+        if self.done:
+            self.trainer.should_stop = True
+            return None
+        x_k, sigma, _, x_final, _ = batch
+        kind, lr = self.loss_kind(), self.learning_rate()
+        loss = self.finite_mean(self.stage_loss(x_k, sigma, x_final))
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        self.step_optimizer(optimizers[self.current_stage], loss, lr)
+        self.log_dict(
+            {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
+             "train/stage": float(self.current_stage), "train/l1": float(kind == "l1"), "train/lr": lr,
+             "train/dropped_samples": float(self.dropped_samples),
+             "train/nonfinite_grads": float(self.nonfinite_grads)},
+            prog_bar=True,
+        )  # fmt: skip
+        self.advance(x_k.shape[0] * self.trainer.world_size)
+
+    def advance(self, pairs: int) -> None:
+        """Count the step and, once the stage's iterations are spent, finish the stage."""
+        self.gen_steps += 1
+        self.stage_step += 1
+        self.nimg += pairs
+        if int(self.stage_step) >= self.budgets[self.current_stage]:
+            self.finish_stage()
+
+    def finish_stage(self) -> None:
+        """Record the stage and move on to the next, or stop training after the last."""
+        record = {"stage": self.current_stage, "steps": self.steps, "kimg": self.kimg,
+                  "gen_step": int(self.gen_steps)}  # fmt: skip
+        self.finished_stages.append(record)
+        self.stage += 1
+        self.stage_step.zero_()
+        if self.done:
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        h = self.hparams
+        nets = [self.net] + ([self.refiner] if self.refiner is not None else [])
+        return [torch.optim.Adam(n.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps) for n in nets]
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, labels=None, steps: int | None = None) -> SampleResult:
+        """k teacher DPM-Solver++(2M) steps on the N-step grid from z, then the student: NFE k + 1.
+
+        ``steps`` (k + 1) defaults to the configured k; any 1 ≤ k ≤ N − 1 works (the paper's 7 + 1 uses a
+        student trained at k = 10…12).
+        """
+        k = self.k if steps is None else steps - 1
+        check_int("k = steps − 1", k, 1, self.sampler.steps - 1)
+        prefix = first_steps(self.teacher, self.sampler, z, labels, k)
+        sigma_k = torch.full((z.shape[0],), float(self.sigmas[k]), device=z.device)
+        x = self.direct(prefix.x.to(torch.float32), sigma_k)
+        return SampleResult(x.to(z.dtype), prefix.nfe + 1)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, labels=None, steps: int | None = None) -> torch.Tensor:
+        """Samples of :meth:`generate` (the face ``PeriodicEvaluation`` and ``StageEvaluation`` call)."""
+        return self.generate(z, labels, steps).x
