@@ -255,6 +255,7 @@ def trajectory_labels(teacher: Denoiser, datamodule, n: int, prompts, seed: int)
 
 
 def make_manifest(cfg: DictConfig, teacher: Denoiser, sampler, prompts) -> dict:
+    """The plan of the folder: what made the trajectories (a rerun must match it) and the shards."""
     return {
         "format": FORMAT,
         "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),

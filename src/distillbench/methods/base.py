@@ -104,6 +104,19 @@ class DistillationMethod(L.LightningModule):
             return per_sample.new_zeros((), requires_grad=per_sample.requires_grad) * 0.0
         return per_sample[ok].mean()
 
+    def step_optimizer(self, opt, loss, params, scale: float = 1.0, lr=None, grad_clip=None) -> None:
+        """One guarded update: set ``lr``, backward of scale·loss, repair non-finite gradients, clip, step."""
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss * scale)
+        params = [p for p in params if p.grad is not None]
+        self.repair_gradients(params)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+
     def repair_gradients(self, params) -> None:
         """Count non-finite gradient entries and replace them (NaN → 0, ±Inf → ±1e5)."""
         for p in params:
@@ -206,12 +219,6 @@ class ScoreDistillation(DistillationMethod):
             x_g = self.generate(z, labels)
         self.generator.train()
         return edm_loss(self.fake, x_g, labels, generator=self.rng).flatten()
-
-    def step_optimizer(self, opt, loss: torch.Tensor, params, scale: float) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss * scale)
-        self.repair_gradients(params)
-        opt.step()
 
     def training_step(self, batch, batch_idx):
         labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None

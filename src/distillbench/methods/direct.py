@@ -20,15 +20,15 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import nn
 
 from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
-from distillbench.samplers.schedules import improved
+from distillbench.methods.base import DistillationMethod
+from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import SampleResult
-from distillbench.teachers.denoiser import Denoiser, freeze
+from distillbench.teachers.denoiser import Denoiser
 from distillbench.trajectories import first_steps, solver
 
 
@@ -74,7 +74,29 @@ def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...]) -> None:
         )
 
 
-class DirectDistillation(L.LightningModule):
+def stage_budgets(iterations: int, refiner: nn.Module | None, refine_iterations: int) -> list[int]:
+    """The iterations of stage one and, with a refiner, of stage two."""
+    check_int("method.iterations", iterations, 1)
+    check_int("method.refine_iterations", refine_iterations, 0)
+    if (refiner is None) != (refine_iterations == 0):
+        raise ConfigError(
+            f"method.refine_iterations={refine_iterations} with method.refiner="
+            f"{'null' if refiner is None else type(refiner).__name__}: stage two needs both, a refiner "
+            "net and its iterations; set both, or method.refiner=null and method.refine_iterations=0"
+        )
+    return [iterations] + ([refine_iterations] if refiner is not None else [])
+
+
+def check_optimisation(l1_fraction: float, lr: float, eta_min: float, grad_clip: float | None) -> None:
+    if not 0 <= l1_fraction <= 1:
+        raise ConfigError(f"method.l1_fraction={l1_fraction} must lie in [0, 1] (the paper: 5/6)")
+    if not lr > 0 or not 0 <= eta_min < lr:
+        raise ConfigError(f"method.lr={lr} and method.eta_min={eta_min} need 0 <= eta_min < lr")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
+
+
+class DirectDistillation(DistillationMethod):
     """Trains ``net`` (stage one) and the optional ``refiner`` (stage two) on trajectory pairs.
 
     Batches are ``(x_k, σ_k, k, x_N, label)`` of
@@ -94,20 +116,18 @@ class DirectDistillation(L.LightningModule):
         student: Denoiser | None = None,
         steps: int = 20,
         k: int = 10,
-        schedule: Callable[..., torch.Tensor] = improved,
+        schedule: Callable[..., torch.Tensor] = karras,
         iterations: int = 3000,
         refine_iterations: int = 1000,
         l1_fraction: float = 5 / 6,
-        lr: float = 2e-4,
+        lr: float = 5e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         eta_min: float = 1e-7,
         grad_clip: float | None = None,
         trajectories: str | Path | None = None,
-        seed: int = 0,
     ):
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(teacher)
         if student is not None:
             raise ConfigError(
                 "direct distillation trains method.net (a NAFNet), not a student=; drop student="
@@ -116,36 +136,19 @@ class DirectDistillation(L.LightningModule):
         self.k = check_int(
             "method.k", k, 1, steps - 1, fix="the teacher takes k of the N steps, 1 ≤ k ≤ N − 1"
         )
-        self.budgets = [check_int("method.iterations", iterations, 1)]
-        check_int("method.refine_iterations", refine_iterations, 0)
-        if (refiner is None) != (refine_iterations == 0):
-            raise ConfigError(
-                f"method.refine_iterations={refine_iterations} with method.refiner="
-                f"{'null' if refiner is None else type(refiner).__name__}: stage two needs both, a refiner "
-                "net and its iterations; set both, or method.refiner=null and method.refine_iterations=0"
-            )
-        self.budgets += [refine_iterations] if refiner is not None else []
-        if not 0 <= l1_fraction <= 1:
-            raise ConfigError(f"method.l1_fraction={l1_fraction} must lie in [0, 1] (the paper: 5/6)")
-        if not lr > 0 or not 0 <= eta_min < lr:
-            raise ConfigError(f"method.lr={lr} and method.eta_min={eta_min} need 0 <= eta_min < lr")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
-        self.sample_shape = tuple(teacher.sample_shape)
+        self.budgets = stage_budgets(iterations, refiner, refine_iterations)
+        check_optimisation(l1_fraction, lr, eta_min, grad_clip)
         check_net_fits("method.net", net, self.sample_shape)
         if refiner is not None:
             check_net_fits("method.refiner", refiner, self.sample_shape)
         self.save_hyperparameters(ignore=["teacher", "net", "refiner", "student", "schedule"])
-        self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
         self.net, self.refiner = net.train(), refiner
         self.sampler = solver(steps, schedule)
-        self.num_classes = int(getattr(teacher, "num_classes", 0))
         if trajectories is not None:
             self.check_trajectories(read_manifest(Path(trajectories)), f"method.trajectories={trajectories}")
         self.finished_stages: list[dict] = []
-        for name in ("stage", "stage_step", "gen_steps", "dropped_samples", "nonfinite_grads"):
+        for name in ("stage", "stage_step"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
-        self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
 
     def check_trajectories(self, manifest: dict, where: str) -> None:
         """The pairs were made by this teacher's sample shape on this method's N-step grid."""
@@ -166,10 +169,6 @@ class DirectDistillation(L.LightningModule):
 
     # ---- state ---------------------------------------------------------------------------------------------
     @property
-    def teacher(self) -> Denoiser:
-        return self._teacher[0]
-
-    @property
     def sigmas(self) -> torch.Tensor:
         """The teacher's N-step σ grid (float64, N + 1 values ending in 0)."""
         return self.sampler.sigmas(self.teacher)
@@ -180,10 +179,6 @@ class DirectDistillation(L.LightningModule):
         return self.k + 1
 
     nfe = steps
-
-    @property
-    def kimg(self) -> float:
-        return float(self.nimg) / 1000
 
     @property
     def done(self) -> bool:
@@ -208,7 +203,7 @@ class DirectDistillation(L.LightningModule):
         return cosine_lr(h.lr, h.eta_min, int(self.stage_step), self.budgets[self.current_stage])
 
     def setup(self, stage: str) -> None:
-        self.teacher.to(self.device)
+        super().setup(stage)
         manifest = getattr(self.trainer.datamodule, "manifest", None)
         if manifest is not None:
             self.check_trajectories(manifest, f"data.root={self.trainer.datamodule.root}")
@@ -229,29 +224,6 @@ class DirectDistillation(L.LightningModule):
             student = self.net(x_k, t)
         return distance(self.refiner(student, t), x_final, "l2")
 
-    def finite_mean(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
-        """Mean over the samples whose loss is finite; the others are dropped and counted."""
-        ok = torch.isfinite(per_sample_loss)
-        self.dropped_samples += (~ok).sum()
-        if not ok.any():
-            return per_sample_loss.new_zeros((), requires_grad=per_sample_loss.requires_grad) * 0.0
-        return per_sample_loss[ok].mean()
-
-    def step_optimizer(self, opt, loss: torch.Tensor, lr: float) -> None:
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        params = [p for p in self.trained_net.parameters() if p.grad is not None]
-        for p in params:
-            bad = ~torch.isfinite(p.grad)
-            if bad.any():
-                self.nonfinite_grads += bad.sum()
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        if self.hparams.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
-        opt.step()
-
     def training_step(self, batch, batch_idx):
         if self.done:
             self.trainer.should_stop = True
@@ -261,7 +233,8 @@ class DirectDistillation(L.LightningModule):
         loss = self.finite_mean(self.stage_loss(x_k, sigma, x_final))
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        self.step_optimizer(optimizers[self.current_stage], loss, lr)
+        self.step_optimizer(optimizers[self.current_stage], loss, self.trained_net.parameters(), lr=lr,
+                            grad_clip=self.hparams.grad_clip)  # fmt: skip
         self.log_dict(
             {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
              "train/stage": float(self.current_stage), "train/l1": float(kind == "l1"), "train/lr": lr,
@@ -303,7 +276,10 @@ class DirectDistillation(L.LightningModule):
         student trained at k = 10…12).
         """
         k = self.k if steps is None else steps - 1
-        check_int("k = steps − 1", k, 1, self.sampler.steps - 1)
+        if not 1 <= k <= self.sampler.steps - 1:
+            raise ValueError(
+                f"steps={steps} means k = {k} teacher steps, outside [1, {self.sampler.steps - 1}]"
+            )
         prefix = first_steps(self.teacher, self.sampler, z, labels, k)
         sigma_k = torch.full((z.shape[0],), float(self.sigmas[k]), device=z.device)
         x = self.direct(prefix.x.to(torch.float32), sigma_k)

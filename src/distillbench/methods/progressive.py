@@ -228,17 +228,6 @@ class ProgressiveDistillation(DistillationMethod):
         lr = self.lrs[self.current_stage]
         return lr * max(0.0, 1.0 - self.stage_progress()) if self.lr_schedule == "linear" else lr
 
-    def step_optimizer(self, opt, loss: torch.Tensor, lr: float) -> None:
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        self.repair_gradients(params)
-        if self.hparams.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
-        opt.step()
-
     def training_step(self, batch, batch_idx):
         if self.done:
             self.trainer.should_stop = True
@@ -247,7 +236,8 @@ class ProgressiveDistillation(DistillationMethod):
         labels = batch[1] if self.num_classes and len(batch) > 1 else None
         loss = self.finite_mean(self.distillation_loss(x0, labels, self.seeded_generator()))
         lr = self.learning_rate()
-        self.step_optimizer(self.optimizers(), loss, lr)
+        self.step_optimizer(self.optimizers(), loss, self.student.parameters(), lr=lr,
+                            grad_clip=self.hparams.grad_clip)  # fmt: skip
         self.log_dict(
             {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
              "train/student_steps": float(self.steps), "train/lr": lr,
