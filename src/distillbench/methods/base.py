@@ -127,6 +127,67 @@ class DistillationMethod(L.LightningModule):
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
+class StagedDistillation(DistillationMethod):
+    """A method trained in stages, each with its own budget (progressive halving; direct's two networks).
+
+    A subclass sets :attr:`budgets` (one per stage, in ``budget_unit``: ``steps`` or ``kimg``) and the
+    ``steps`` property (its sampler's NFE). A spent budget appends (``stage``, ``steps``, ``kimg``,
+    ``gen_step``) to :attr:`finished_stages` for :class:`~distillbench.callbacks.StageEvaluation`, then
+    :meth:`start_next_stage` runs, or after the last stage the trainer stops.
+    """
+
+    budget_unit: str = "steps"
+
+    def __init__(self, teacher: Denoiser, seed: int = 0):
+        super().__init__(teacher, seed)
+        self.budgets: list[float] = []
+        self.finished_stages: list[dict] = []
+        for name in ("stage", "stage_step"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self.register_buffer("stage_nimg", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def done(self) -> bool:
+        return int(self.stage) >= len(self.budgets)
+
+    @property
+    def current_stage(self) -> int:
+        return min(int(self.stage), len(self.budgets) - 1)
+
+    def stage_progress(self) -> float:
+        """The fraction of the current stage's budget spent."""
+        spent = float(self.stage_nimg) / 1000 if self.budget_unit == "kimg" else int(self.stage_step)
+        return spent / self.budgets[self.current_stage]
+
+    def stopped(self) -> bool:
+        """True (and the trainer told to stop) once every stage is done."""
+        if self.done:
+            self.trainer.should_stop = True
+        return self.done
+
+    def advance(self, images: int) -> None:
+        """Count the step and, once the stage's budget is spent, finish the stage."""
+        self.gen_steps += 1
+        self.stage_step += 1
+        self.nimg += images
+        self.stage_nimg += images
+        if self.stage_progress() >= 1.0:
+            self.finish_stage()
+
+    def finish_stage(self) -> None:
+        record = {"stage": self.current_stage, "steps": self.steps, "kimg": self.kimg,
+                  "gen_step": int(self.gen_steps)}  # fmt: skip
+        self.finished_stages.append(record)
+        self.stage += 1
+        self.stage_step.zero_()
+        self.stage_nimg.zero_()
+        if not self.stopped():
+            self.start_next_stage()
+
+    def start_next_stage(self) -> None:
+        """What changes between stages (nothing here)."""
+
+
 class ScoreDistillation(DistillationMethod):
     """Manual-optimisation base: alternates ψ (fake score) and θ (generator) updates."""
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
-from distillbench.methods.base import DistillationMethod
+from distillbench.methods.base import StagedDistillation
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import SampleResult
 from distillbench.teachers.denoiser import Denoiser
@@ -96,7 +96,7 @@ def check_optimisation(l1_fraction: float, lr: float, eta_min: float, grad_clip:
         raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
 
 
-class DirectDistillation(DistillationMethod):
+class DirectDistillation(StagedDistillation):
     """Trains ``net`` (stage one) and the optional ``refiner`` (stage two) on trajectory pairs.
 
     Batches are ``(x_k, σ_k, k, x_N, label)`` of
@@ -146,9 +146,6 @@ class DirectDistillation(DistillationMethod):
         self.sampler = solver(steps, schedule)
         if trajectories is not None:
             self.check_trajectories(read_manifest(Path(trajectories)), f"method.trajectories={trajectories}")
-        self.finished_stages: list[dict] = []
-        for name in ("stage", "stage_step"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
 
     def check_trajectories(self, manifest: dict, where: str) -> None:
         """The pairs were made by this teacher's sample shape on this method's N-step grid."""
@@ -179,14 +176,6 @@ class DirectDistillation(DistillationMethod):
         return self.k + 1
 
     nfe = steps
-
-    @property
-    def done(self) -> bool:
-        return int(self.stage) >= len(self.budgets)
-
-    @property
-    def current_stage(self) -> int:
-        return min(int(self.stage), len(self.budgets) - 1)
 
     @property
     def trained_net(self) -> nn.Module:
@@ -225,8 +214,7 @@ class DirectDistillation(DistillationMethod):
         return distance(self.refiner(student, t), x_final, "l2")
 
     def training_step(self, batch, batch_idx):
-        if self.done:
-            self.trainer.should_stop = True
+        if self.stopped():
             return None
         x_k, sigma, _, x_final, _ = batch
         kind, lr = self.loss_kind(), self.learning_rate()
@@ -243,24 +231,6 @@ class DirectDistillation(DistillationMethod):
             prog_bar=True,
         )  # fmt: skip
         self.advance(x_k.shape[0] * self.trainer.world_size)
-
-    def advance(self, pairs: int) -> None:
-        """Count the step and, once the stage's iterations are spent, finish the stage."""
-        self.gen_steps += 1
-        self.stage_step += 1
-        self.nimg += pairs
-        if int(self.stage_step) >= self.budgets[self.current_stage]:
-            self.finish_stage()
-
-    def finish_stage(self) -> None:
-        """Record the stage and move on to the next, or stop training after the last."""
-        record = {"stage": self.current_stage, "steps": self.steps, "kimg": self.kimg,
-                  "gen_step": int(self.gen_steps)}  # fmt: skip
-        self.finished_stages.append(record)
-        self.stage += 1
-        self.stage_step.zero_()
-        if self.done:
-            self.trainer.should_stop = True
 
     def configure_optimizers(self):
         h = self.hparams

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from distillbench.errors import ConfigError
-from distillbench.methods.base import DistillationMethod, check_same_shape
+from distillbench.methods.base import StagedDistillation, check_same_shape
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
 from distillbench.teachers.denoiser import Denoiser, freeze
@@ -121,7 +121,7 @@ def stage_budgets(kimg, steps, stages: int, prefix: str = "method.stage") -> tup
     return "steps", per_stage(f"{prefix}_steps", steps, stages, "give every stage a positive step count")
 
 
-class ProgressiveDistillation(DistillationMethod):
+class ProgressiveDistillation(StagedDistillation):
     """Halves a deterministic sampler's step count stage by stage, from ``n_start`` student steps to 1.
 
     Stage k trains the student for n_start/2^k steps against two steps of its teacher. Finished stages are
@@ -167,24 +167,12 @@ class ProgressiveDistillation(DistillationMethod):
             nested_schedule, finest=2 * n_start, base=schedule,
             sigma_min=float(teacher.sigma_min), sigma_max=float(teacher.sigma_max),
         )  # fmt: skip
-        self.finished_stages: list[dict] = []
-        for name in ("stage", "stage_step"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
-        self.register_buffer("stage_nimg", torch.zeros((), dtype=torch.float64))
 
     # ---- state ---------------------------------------------------------------------------------------------
     @property
     def teacher(self) -> Denoiser:
         """The original teacher in stage 0, the previous stage's frozen student afterwards."""
         return self._teacher[0] if int(self.stage) == 0 else self.previous_student
-
-    @property
-    def done(self) -> bool:
-        return int(self.stage) >= len(self.stage_steps_list)
-
-    @property
-    def current_stage(self) -> int:
-        return min(int(self.stage), len(self.stage_steps_list) - 1)
 
     @property
     def steps(self) -> int:
@@ -195,11 +183,6 @@ class ProgressiveDistillation(DistillationMethod):
     def total_kimg(self) -> float | None:
         """The whole run's length in kimg (None when the budgets are in steps)."""
         return sum(self.budgets) if self.budget_unit == "kimg" else None
-
-    def stage_progress(self) -> float:
-        """The fraction of the current stage's budget spent."""
-        spent = float(self.stage_nimg) / 1000 if self.budget_unit == "kimg" else int(self.stage_step)
-        return spent / self.budgets[self.current_stage]
 
     def grids(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(student grid with steps + 1 points, teacher grid with 2·steps + 1 points), float64."""
@@ -229,8 +212,7 @@ class ProgressiveDistillation(DistillationMethod):
         return lr * max(0.0, 1.0 - self.stage_progress()) if self.lr_schedule == "linear" else lr
 
     def training_step(self, batch, batch_idx):
-        if self.done:
-            self.trainer.should_stop = True
+        if self.stopped():
             return None
         x0 = batch[0]
         labels = batch[1] if self.num_classes and len(batch) > 1 else None
@@ -247,28 +229,10 @@ class ProgressiveDistillation(DistillationMethod):
         )  # fmt: skip
         self.advance(x0.shape[0] * self.trainer.world_size)
 
-    def advance(self, images: int) -> None:
-        """Count the step and, once the stage's budget is spent, finish the stage."""
-        self.gen_steps += 1
-        self.stage_step += 1
-        self.nimg += images
-        self.stage_nimg += images
-        if self.stage_progress() >= 1.0:
-            self.finish_stage()
-
-    def finish_stage(self) -> None:
-        """Record the stage; then the student becomes the frozen teacher and N halves, or training ends."""
-        record = {"stage": self.current_stage, "steps": self.steps, "kimg": self.kimg,
-                  "gen_step": int(self.gen_steps)}  # fmt: skip
-        self.finished_stages.append(record)
-        self.stage += 1
-        self.stage_step.zero_()
-        self.stage_nimg.zero_()
-        if self.done:
-            self.trainer.should_stop = True
-            return
+    def start_next_stage(self) -> None:
+        """The student becomes the frozen teacher of the next stage; Adam restarts for the new student."""
         self.previous_student.load_state_dict(self.student.state_dict())
-        self.optimizers().optimizer.state.clear()  # a new stage trains a new student: Adam restarts
+        self.optimizers().optimizer.state.clear()
 
     def configure_optimizers(self):
         h = self.hparams
