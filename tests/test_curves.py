@@ -235,3 +235,11 @@ def test_tensorboard_gets_the_curves_against_generator_steps_and_a_grid_per_eval
     assert [step for step, tag in values if tag == "eval/fid_data_256"] == [0, 2, 4], (
         "TensorBoard turns @ into _"
     )
+
+
+def test_metrics_that_differ_between_jobs_are_never_taken_for_swept_settings():
+    frame = pd.DataFrame({"job": ["0", "1"], "distill.sigma_init": ["1.5", "2.5"], "kimg": [0.0, 0.0],
+                          "gen_step": [0, 0], "fid_clf@1k": [6.0, 7.2], "kid_clf@1k": [0.5, 0.7]},
+                         )  # fmt: skip
+    fig = plot_sweep(frame, metrics=["fid"])
+    assert len(fig.axes) == 1 and fig.axes[0].get_legend().get_title().get_text() == "distill.sigma_init"

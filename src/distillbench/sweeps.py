@@ -83,7 +83,7 @@ def load_wandb_group(group: str, project: str = "distillbench", api=None) -> pd.
 def summary_table(frame: pd.DataFrame, metric: str = "fid", by=None) -> pd.DataFrame:
     """Final and best value of ``metric`` per job, then mean and std over the jobs sharing ``by`` (seeds)."""
     column = metric_column(frame, metric)
-    by = list(by) if by is not None else [k for k in swept_keys(frame, [column]) if k not in SEED_KEYS]
+    by = list(by) if by is not None else [k for k in swept_keys(frame) if k not in SEED_KEYS]
     ordered = frame.sort_values("kimg")
     best = "max" if metric in HIGHER_IS_BETTER else "min"
     per_job = ordered.groupby("job").agg(final=(column, "last"), best=(column, best))
@@ -91,10 +91,14 @@ def summary_table(frame: pd.DataFrame, metric: str = "fid", by=None) -> pd.DataF
     return per_job.groupby(by)[["final", "best"]].agg(["mean", "std", "count"])
 
 
-def swept_keys(frame: pd.DataFrame, metric_columns: list[str]) -> list[str]:
+def override_columns(frame: pd.DataFrame) -> list[str]:
+    """The settings columns: everything but the job, the x-axes and the metrics (named ``kind_ext@n``)."""
+    return [c for c in frame.columns if c not in ("job", "kimg", "gen_step") and "@" not in c]
+
+
+def swept_keys(frame: pd.DataFrame) -> list[str]:
     """Override columns whose value differs between jobs, in command-line order."""
-    fixed = {"job", "kimg", "gen_step", *metric_columns}
-    return [c for c in frame.columns if c not in fixed and frame.groupby("job")[c].first().nunique() > 1]
+    return [c for c in override_columns(frame) if frame.groupby("job")[c].first().nunique() > 1]
 
 
 def metric_column(frame: pd.DataFrame, kind: str) -> str | None:
@@ -103,10 +107,9 @@ def metric_column(frame: pd.DataFrame, kind: str) -> str | None:
     return matches[0] if matches else None
 
 
-def choose_axes(frame, metrics, hue, panel) -> tuple[str | None, str | None]:
+def choose_axes(frame, hue, panel) -> tuple[str | None, str | None]:
     """Default hue and panel: the first and second swept keys that are not seeds."""
-    columns = [c for c in (metric_column(frame, m) for m in metrics) if c]
-    keys = [k for k in swept_keys(frame, columns) if k not in SEED_KEYS]
+    keys = [k for k in swept_keys(frame) if k not in SEED_KEYS]
     hue = hue or (keys[0] if keys else None)
     panel = panel or next((k for k in keys if k != hue), None)
     return hue, panel
@@ -126,7 +129,7 @@ def plot_sweep(
     Runs that share hue and panel (seeds) are drawn as their mean with a min–max band. ``references`` maps
     a metric column to a horizontal line (the teacher's value). Returns the figure (saved when ``path``).
     """
-    hue, panel = choose_axes(frame, metrics, hue, panel)
+    hue, panel = choose_axes(frame, hue, panel)
     columns = [c for c in (metric_column(frame, m) for m in metrics) if c]
     panel_values = frame[panel].unique() if panel else [None]  # in sweep order
     colors = {v: f"C{i}" for i, v in enumerate(frame[hue].unique() if hue else ["all"])}
