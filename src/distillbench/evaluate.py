@@ -297,16 +297,15 @@ def plot_fid_vs_nfe(table: pd.DataFrame, path: str | Path) -> Path:
     for line, points in teachers.groupby(teachers["model"].map(sampler_line)):
         points = points.sort_values("nfe")
         ax.plot(points["nfe"], points["fid"], marker="o", label=line)
-    for student in rows[~is_teacher].itertuples():
-        ax.scatter(student.nfe, student.fid, marker="*", s=140, color="k", zorder=3)
-        ax.annotate(student.method, (student.nfe, student.fid), xytext=(6, 4), textcoords="offset points")
+    for index, student in enumerate(rows[~is_teacher].itertuples()):
+        marker = "*^sDvP"[index % 6]
+        ax.scatter(student.nfe, student.fid, marker=marker, s=90, zorder=3, label=f"{student.method} student")
     settings = sorted({f"{r.data}, {r.extractor}@{format_count(int(r.n))}" for r in rows.itertuples()})
     yscale = "log" if (rows["fid"] > 0).all() else "linear"  # FIDs span decades across step counts
     ax.set(xscale="log", yscale=yscale, xlabel="NFE", ylabel="FID")
     ax.set_title(f"FID vs NFE ({'; '.join(settings)})")
     ax.grid(alpha=0.3, which="both")
-    if len(teachers):
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_writer(path, binary=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
