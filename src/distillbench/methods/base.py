@@ -51,6 +51,17 @@ def check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be > 0")
 
 
+def choice(key: str, value: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
+    return value
+
+
+def check_grad_clip(grad_clip: float | None) -> None:
+    if grad_clip is not None and not grad_clip > 0:
+        raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
+
+
 def check_same_shape(student: Denoiser, teacher: Denoiser) -> None:
     if tuple(student.sample_shape) != tuple(teacher.sample_shape):
         raise ConfigError(

@@ -25,7 +25,7 @@ from torch import nn
 
 from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
-from distillbench.methods.base import StagedDistillation
+from distillbench.methods.base import StagedDistillation, check_grad_clip
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import SampleResult
 from distillbench.teachers.denoiser import Denoiser
@@ -92,8 +92,7 @@ def check_optimisation(l1_fraction: float, lr: float, eta_min: float, grad_clip:
         raise ConfigError(f"method.l1_fraction={l1_fraction} must lie in [0, 1] (the paper: 5/6)")
     if not lr > 0 or not 0 <= eta_min < lr:
         raise ConfigError(f"method.lr={lr} and method.eta_min={eta_min} need 0 <= eta_min < lr")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
+    check_grad_clip(grad_clip)
 
 
 class DirectDistillation(StagedDistillation):

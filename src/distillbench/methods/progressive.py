@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from distillbench.errors import ConfigError
-from distillbench.methods.base import StagedDistillation, check_same_shape
+from distillbench.methods.base import StagedDistillation, check_grad_clip, check_same_shape, choice
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
 from distillbench.teachers.denoiser import Denoiser, freeze
@@ -84,12 +84,6 @@ def nested_schedule(
 
 
 # ---- configuration checks ----------------------------------------------------------------------------------
-def choice(key: str, value: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
-    return value
-
-
 def check_power_of_two(key: str, value: int) -> int:
     if not (isinstance(value, int) and value >= 1 and value & (value - 1) == 0):
         raise ConfigError(
@@ -156,8 +150,7 @@ class ProgressiveDistillation(StagedDistillation):
         self.lrs = per_stage("method.lr", lr, stages, "give every stage a positive learning rate")
         self.lr_schedule = choice("method.lr_schedule", lr_schedule, LR_SCHEDULES)
         self.weighting = choice("method.weighting", weighting, WEIGHTINGS)
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
+        check_grad_clip(grad_clip)
         self.save_hyperparameters(ignore=["teacher", "student", "schedule"])
         init = student if student is not None else teacher
         check_same_shape(init, teacher)

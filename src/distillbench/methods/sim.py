@@ -18,19 +18,12 @@ from __future__ import annotations
 
 import math
 
-from distillbench.errors import ConfigError
-from distillbench.methods.base import ScoreDistillation, check_range, per_sample_sum
+from distillbench.methods.base import ScoreDistillation, check_range, choice, per_sample_sum
 from distillbench.methods.sid import sid_weight
 
 DISTANCES = ("pseudo_huber", "l2")
 WEIGHTINGS = ("sid", "unit")
 TIME_LAWS = ("p_sim", "p_edm")
-
-
-def choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ConfigError(f"{name}={value!r} is not one of {list(options)}")
-    return value
 
 
 class SIM(ScoreDistillation):
