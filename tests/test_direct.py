@@ -22,16 +22,11 @@ from distillbench.errors import ConfigError, MissingPackageError
 from distillbench.methods.direct import DirectDistillation, time_input
 from distillbench.nets.nafnet import NAFBlock, NAFNet
 from distillbench.samplers import DPMSolverPP2MSampler, fixed_labels, fixed_noise, improved, karras
+from distillbench.samplers.trajectory import first_steps, trajectory
 from distillbench.teachers.checkpoint import load_teacher
 from distillbench.teachers.denoiser import Denoiser
 from distillbench.teachers.diffusers_adapter import DiffusersDenoiser
-from distillbench.trajectories import (
-    CLIPPromptEncoder,
-    PromptConditioned,
-    first_steps,
-    trajectory,
-    write_trajectories,
-)
+from distillbench.trajectories import CLIPPromptEncoder, PromptConditioned, write_trajectories
 from tests.test_cli import run_cli, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]

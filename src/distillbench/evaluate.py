@@ -36,7 +36,14 @@ from distillbench.runs import CHECKPOINT, load_run, locate_run
 from distillbench.samplers import SampleResult, generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_write_text, atomic_writer
-from distillbench.utils.runs import hydra_choice, output_dir, task, write_config, write_summary
+from distillbench.utils.runs import (
+    hydra_choice,
+    output_dir,
+    resolve_device,
+    task,
+    write_config,
+    write_summary,
+)
 from distillbench.utils.tables import print_summary
 
 COLUMNS = ("time", "model", "method", "data", "extractor", "n", "noise_seed", "nfe",
@@ -131,12 +138,6 @@ def build(cfg: DictConfig) -> Subject:
 
 # ---------------------------------------------------------------------------------------------------------
 # Sampling and measuring
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def draw(subject: Subject, n: int, cfg: DictConfig, progress: bool = False):

@@ -34,63 +34,16 @@ from safetensors.torch import save
 
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError, MissingPackageError
-from distillbench.evaluate import resolve_device
-from distillbench.samplers.generate import fixed_labels, fixed_noise
-from distillbench.samplers.solvers import CountingDenoiser, DPMSolverPP2MSampler, SampleResult
+from distillbench.samplers.generate import device_of, fixed_labels, fixed_noise
+from distillbench.samplers.solvers import DPMSolverPP2MSampler
+from distillbench.samplers.trajectory import trajectory
 from distillbench.teachers.denoiser import Denoiser
 from distillbench.utils.io import atomic_write_json, atomic_writer
-from distillbench.utils.runs import task, write_config, write_summary
+from distillbench.utils.runs import resolve_device, task, write_config, write_summary
 from distillbench.utils.tables import print_summary
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-
-
-# ---- the solver with its intermediate states ---------------------------------------------------------------
-class StateRecorder(CountingDenoiser):
-    """A counting denoiser that keeps the solver state x_k it is called on at call k, for k in ``indices``.
-
-    DPM-Solver++(2M) calls the denoiser once per step, at the start of step k + 1 on x_k (σ_k), so call k
-    sees the state after k steps.
-    """
-
-    def __init__(self, denoiser, labels, indices):
-        super().__init__(denoiser, labels)
-        self.indices = set(indices)
-        self.states: dict[int, torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        if self.calls in self.indices:
-            self.states[self.calls] = x.clone()
-        return super().__call__(x, sigma)
-
-
-def solver(steps: int, schedule) -> DPMSolverPP2MSampler:
-    """DPM-Solver++(2M) over ``steps`` steps of ``schedule`` (limits from the teacher)."""
-    return DPMSolverPP2MSampler(steps=steps, schedule=schedule)
-
-
-@torch.no_grad()
-def trajectory(
-    teacher: Denoiser, sampler: DPMSolverPP2MSampler, z: torch.Tensor, labels, indices
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states (B, J, …) at the step indices, final x_N) in z's dtype, of ``sampler.sample``'s very run."""
-    sigmas = sampler.sigmas(teacher).tolist()
-    recorder = StateRecorder(teacher, labels, indices)
-    final = sampler.integrate(recorder, z.to(torch.float64) * sigmas[0], sigmas)
-    states = torch.stack([recorder.states[k] for k in indices], dim=1)
-    return states.to(z.dtype), final.to(z.dtype)
-
-
-@torch.no_grad()
-def first_steps(
-    teacher: Denoiser, sampler: DPMSolverPP2MSampler, z: torch.Tensor, labels, k: int
-) -> SampleResult:
-    """x_k: the first k steps of the sampler's N-step run from z (NFE k), in z's dtype."""
-    sigmas = sampler.sigmas(teacher).tolist()[: k + 1]
-    counted = CountingDenoiser(teacher, labels)
-    x = sampler.integrate(counted, z.to(torch.float64) * sigmas[0], sigmas)
-    return SampleResult(x.to(z.dtype), counted.calls)
 
 
 # ---- text conditioning (Stable Diffusion) ------------------------------------------------------------------
@@ -275,7 +228,7 @@ def make_manifest(cfg: DictConfig, teacher: Denoiser, sampler, prompts) -> dict:
 
 def write_shard(path: Path, teacher, sampler, shard: dict, cfg: DictConfig, labels, on_batch) -> None:
     """Run the shard's trajectories batch by batch and write its tensors atomically."""
-    device = next(teacher.parameters(), torch.empty(0)).device
+    device = device_of(teacher)
     states, finals = [], []
     for begin in range(shard["start"], shard["start"] + shard["count"], cfg.batch_size):
         size = min(cfg.batch_size, shard["start"] + shard["count"] - begin)
@@ -297,7 +250,7 @@ def write_trajectories(cfg: DictConfig) -> dict:
     check_settings(cfg.steps, list(cfg.indices), cfg.n, cfg.test_fraction, cfg.shard_size, cfg.batch_size)
     teacher, datamodule, prompts = build_teacher(cfg)
     teacher.to(resolve_device(cfg.device))
-    sampler = solver(cfg.steps, hydra.utils.instantiate(cfg.schedule))
+    sampler = DPMSolverPP2MSampler(steps=cfg.steps, schedule=hydra.utils.instantiate(cfg.schedule))
     out_dir = Path(cfg.out_dir)
     manifest = make_manifest(cfg, teacher, sampler, prompts)
     write_config(cfg)

@@ -27,9 +27,9 @@ from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
 from distillbench.methods.base import StagedDistillation, check_grad_clip
 from distillbench.samplers.schedules import karras
-from distillbench.samplers.solvers import SampleResult
+from distillbench.samplers.solvers import DPMSolverPP2MSampler, SampleResult
+from distillbench.samplers.trajectory import first_steps
 from distillbench.teachers.denoiser import Denoiser
-from distillbench.trajectories import first_steps, solver
 
 
 # ---- the math ----------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class DirectDistillation(StagedDistillation):
             check_net_fits("method.refiner", refiner, self.sample_shape)
         self.save_hyperparameters(ignore=["teacher", "net", "refiner", "student", "schedule"])
         self.net, self.refiner = net.train(), refiner
-        self.sampler = solver(steps, schedule)
+        self.sampler = DPMSolverPP2MSampler(steps=steps, schedule=schedule)
         if trajectories is not None:
             self.check_trajectories(read_manifest(Path(trajectories)), f"method.trajectories={trajectories}")
 

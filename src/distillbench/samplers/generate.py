@@ -59,7 +59,8 @@ def fixed_labels(n: int, probs, seed: int) -> torch.Tensor | None:
     return torch.searchsorted(cdf, uniforms, right=True).clamp_(max=len(probs) - 1)
 
 
-def _device_of(denoiser) -> torch.device:
+def device_of(denoiser) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for one with neither)."""
     tensor = next(itertools.chain(denoiser.parameters(), denoiser.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
@@ -76,7 +77,7 @@ def generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _device_of(denoiser)
+    device = device_of(denoiser)
     labels = fixed_labels(n, label_probs, seed)
     batches, nfe = [], 0
     with Progress(disable=not progress) as bar:

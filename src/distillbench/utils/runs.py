@@ -101,3 +101,10 @@ def hydra_choice(group: str) -> str | None:
     if not HydraConfig.initialized():
         return None
     return HydraConfig.get().runtime.choices.get(group)
+
+
+def resolve_device(name: str) -> torch.device:
+    """A command's ``device`` setting: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
