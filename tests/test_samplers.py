@@ -273,3 +273,20 @@ def test_generate_is_batch_size_invariant_and_returns_counted_nfe():
     assert torch.allclose(x, x_small, atol=1e-6)
     _, labels, nfe = generate(HeunSampler(steps=3), denoiser, n=10, batch_size=4, label_probs=[0.5, 0.5])
     assert labels.shape == (10,) and nfe == 5
+
+
+def test_generate_from_an_offset_draws_the_noise_and_labels_of_those_global_indices():
+    from distillbench.samplers.generate import StudentSampler, generate
+
+    class Echo(torch.nn.Module):
+        sample_shape = (2,)
+
+        def sample(self, z, labels=None):
+            return z + labels[:, None]
+
+    probs = [0.2, 0.3, 0.5]
+    whole, labels, nfe = generate(StudentSampler(), Echo(), 10, batch_size=4, seed=5, label_probs=probs)
+    part, part_labels, _ = generate(
+        StudentSampler(), Echo(), 4, batch_size=3, seed=5, label_probs=probs, offset=6
+    )
+    assert nfe == 1 and torch.equal(part, whole[6:]) and torch.equal(part_labels, labels[6:])

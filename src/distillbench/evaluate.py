@@ -33,7 +33,7 @@ from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.metrics.suite import MetricSuite, format_count
 from distillbench.runs import CHECKPOINT, load_run, locate_run
-from distillbench.samplers import SampleResult, generate
+from distillbench.samplers.generate import StudentSampler, generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_write_text, atomic_writer
 from distillbench.utils.runs import (
@@ -69,16 +69,6 @@ class Subject:
     def key(self, cfg: DictConfig) -> dict:
         return {"model": self.model, "data": self.datamodule.name, "n": int(cfg.n),
                 "extractor": self.metrics.extractor.name, "noise_seed": int(cfg.noise_seed)}  # fmt: skip
-
-
-class StudentSampler:
-    """A trained student as a sampler for :func:`generate`: ``method.sample(z, labels)`` (EMA weights).
-
-    One-step methods take 1 NFE; a multi-step student (progressive distillation) exposes its ``steps``.
-    """
-
-    def sample(self, method, z: torch.Tensor, labels: torch.Tensor | None = None) -> SampleResult:
-        return SampleResult(method.sample(z, labels), nfe=int(getattr(method, "steps", 1)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import lightning as L
 import pandas as pd
 import torch
 
-from distillbench.samplers.generate import fixed_labels, fixed_noise
+from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
 from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER
-from distillbench.utils.images import save_samples_figure, to_image_range
+from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
 
 
@@ -53,27 +53,23 @@ class PeriodicEvaluation(L.Callback):
         self.next_kimg = 0.0
         self._declared: set[str] = set()
 
+    def label_probs(self, pl_module):
+        """The law of the evaluation labels: the data's, for a class-conditional model; else None."""
+        return self.datamodule.label_distribution if pl_module.num_classes else None
+
     def fixed_inputs(self, pl_module, start: int = 0, stop: int | None = None):
         """Noise and labels of global evaluation indices [start, stop) (the same in every run)."""
         stop = self.n if stop is None else stop
         z = fixed_noise(stop - start, pl_module.sample_shape, self.noise_seed, offset=start)
-        probs = self.datamodule.label_distribution if pl_module.num_classes else None
-        labels = fixed_labels(stop, probs, self.noise_seed)
+        labels = fixed_labels(stop, self.label_probs(pl_module), self.noise_seed)
         return z, None if labels is None else labels[start:stop]
 
-    @torch.no_grad()
     def samples(self, pl_module, trainer=None, sample=None) -> torch.Tensor:
         """All n samples of ``sample`` (default: the EMA generator) on the fixed inputs, from every rank."""
-        sample = sample or pl_module.sample
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         start, stop = shard(self.n, world, rank)
-        z, labels = self.fixed_inputs(pl_module, start, stop)
-        out = [torch.empty(0, *pl_module.sample_shape)]
-        for i in range(0, len(z), self.batch_size):
-            zb = z[i : i + self.batch_size].to(pl_module.device)
-            lb = None if labels is None else labels[i : i + self.batch_size].to(pl_module.device)
-            out.append(sample(zb, lb).float().cpu())
-        local = to_image_range(torch.cat(out))
+        local, _, _ = generate(StudentSampler(sample), pl_module, stop - start, self.batch_size,
+                               self.noise_seed, self.label_probs(pl_module), offset=start)  # fmt: skip
         return local if world == 1 else gather_shards(trainer, local, self.n)
 
     def measure(self, trainer, pl_module, sample=None) -> tuple[dict, torch.Tensor]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from distillbench.samplers.solvers import SampleResult
 from distillbench.utils.images import to_image_range
 
 NOISE_CHUNK = 1024
@@ -65,11 +66,31 @@ def device_of(denoiser) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+class StudentSampler:
+    """A trained method as a sampler for :func:`generate`: its ``sample(z, labels)`` (EMA weights), or the
+    ``sample`` callable given; the NFE is the method's ``steps`` (1 for the one-step students)."""
+
+    def __init__(self, sample=None):
+        self.sample_fn = sample
+
+    def sample(self, method, z: torch.Tensor, labels: torch.Tensor | None = None) -> SampleResult:
+        x = (self.sample_fn or method.sample)(z, labels).float()
+        return SampleResult(x, nfe=int(getattr(method, "steps", 1)))
+
+
 @torch.no_grad()
 def generate(
-    sampler, denoiser, n: int, batch_size: int = 256, seed: int = 0, label_probs=None, progress: bool = False
+    sampler,
+    denoiser,
+    n: int,
+    batch_size: int = 256,
+    seed: int = 0,
+    label_probs=None,
+    progress: bool = False,
+    offset: int = 0,
 ):
-    """Sample n points with ``fixed_noise``/``fixed_labels``; returns (x, labels, nfe_per_sample) on the CPU.
+    """Sample the n points of global indices offset … offset + n − 1 with ``fixed_noise``/``fixed_labels``;
+    returns (x, labels, nfe_per_sample) on the CPU.
 
     Images are clipped to [-1, 1]; other samples (2-D points) are returned as the sampler made them.
 
@@ -78,13 +99,14 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = device_of(denoiser)
-    labels = fixed_labels(n, label_probs, seed)
+    labels = fixed_labels(offset + n, label_probs, seed)
+    labels = None if labels is None else labels[offset:]
     batches, nfe = [], 0
     with Progress(disable=not progress) as bar:
         task = bar.add_task("sampling", total=n)
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
-            z = fixed_noise(size, denoiser.sample_shape, seed, offset=start).to(device)
+            z = fixed_noise(size, denoiser.sample_shape, seed, offset=offset + start).to(device)
             batch_labels = None if labels is None else labels[start : start + size].to(device)
             result = sampler.sample(denoiser, z, batch_labels)
             batches.append(result.x.cpu())
