@@ -108,7 +108,10 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
 
 
-EVALUATE_EXPERIMENTS = {"fid_vs_nfe"}  # experiments of `python -m distillbench.evaluate`; the rest train
+EVALUATE_EXPERIMENTS = {
+    "fid_vs_nfe",
+    "direct_vs_teacher",
+}  # experiments of `python -m distillbench.evaluate`; the rest train
 
 
 @pytest.mark.parametrize(

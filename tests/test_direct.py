@@ -4,6 +4,9 @@ pipeline), their data module, the two training stages, k + 1-step sampling and b
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -20,6 +23,7 @@ from distillbench.config import CONFIG_DIR
 from distillbench.data.trajectories import TrajectoryDataModule
 from distillbench.errors import ConfigError, MissingPackageError
 from distillbench.methods.direct import DirectDistillation, time_input
+from distillbench.nets.__main__ import parameter_count, preset_names
 from distillbench.nets.nafnet import NAFBlock, NAFNet
 from distillbench.samplers import DPMSolverPP2MSampler, fixed_labels, fixed_noise, improved, karras
 from distillbench.samplers.trajectory import first_steps, trajectory
@@ -107,6 +111,7 @@ def test_block_parameter_count_is_nafnet_s_plus_the_time_film():
     ],
 )
 def test_preset_parameter_counts(preset, count, shape):
+    assert parameter_count(preset) == count
     cfg = OmegaConf.load(ROOT / "conf/net" / f"{preset}.yaml")
     with torch.device("meta" if shape is None else "cpu"):
         net = hydra.utils.instantiate(cfg)
@@ -118,6 +123,21 @@ def test_preset_parameter_counts(preset, count, shape):
     else:
         x = torch.randn(2, *shape)
         assert net(x, torch.zeros(2)).shape == x.shape
+
+
+def test_the_parameter_count_command_prints_every_preset_as_the_readme_records_it():
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distillbench.nets", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    proc, readme = command(), (ROOT / "README.md").read_text()
+    assert proc.returncode == 0, proc.stderr
+    for preset in preset_names():
+        count = f"{parameter_count(preset):,}"
+        assert re.search(rf"{preset}\s.*\s{count}\s", proc.stdout), preset
+        assert f"| {preset} | {count} |" in readme, f"README records {preset}"
+    bad = command("nafnet_xl")
+    assert bad.returncode == 2 and "no preset nafnet_xl" in bad.stderr and "nafnet_sd_57m" in bad.stderr
 
 
 # ---- trajectories ------------------------------------------------------------------------------------------
@@ -152,9 +172,10 @@ def test_the_command_writes_shards_and_manifest_then_skips_them_and_resumes(tmp_
 def test_stored_pairs_are_the_full_solver_s_states_and_output_on_the_same_noise(shards, digits_teacher):
     manifest = json.loads((shards / "manifest.json").read_text())
     shard = load_file(str(shards / "train-00001.safetensors"))
-    z = fixed_noise(6, (1, 8, 8), seed=0, offset=6)
+    assert manifest["noise_seed"] == 1, "held out from the evaluation noise (seed 0) by default"
+    z = fixed_noise(6, (1, 8, 8), seed=1, offset=6)
     labels = shard["labels"]
-    assert torch.equal(labels, fixed_labels(16, make_digits().label_distribution, 0)[6:12])
+    assert torch.equal(labels, fixed_labels(16, make_digits().label_distribution, 1)[6:12])
     sampler = DPMSolverPP2MSampler(steps=STEPS, schedule=karras)
     full = sampler.sample(digits_teacher, z, labels)
     assert full.nfe == STEPS
@@ -207,7 +228,7 @@ def test_a_stable_diffusion_pipeline_writes_latent_shards_from_a_prompts_file(tm
         tmp_path, "~data", "teacher=diffusers", f"teacher.path_or_repo={pipeline_dir}",
         "teacher.sigma_data=1.0", "teacher.guidance_scale=3.0", f"prompts.file={tmp_path / 'prompts.txt'}",
         "prompts.encoder._target_=tests.test_direct.HashPromptEncoder", "n=8", "test_fraction=0",
-        "schedule._target_=distillbench.samplers.schedules.improved", "+schedule.p=2.0",  # the paper's
+        "schedule=improved",  # the paper's
     )  # fmt: skip
     assert summary["shards_written"] == 2
     manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
@@ -224,7 +245,7 @@ def test_a_stable_diffusion_pipeline_writes_latent_shards_from_a_prompts_file(tm
     )
     guided = PromptConditioned(teacher, encoder, manifest["prompts"])
     sampler = DPMSolverPP2MSampler(steps=STEPS, schedule=improved)
-    reference = sampler.sample(guided, fixed_noise(8, (4, 8, 8), seed=0), pairs["labels"])
+    reference = sampler.sample(guided, fixed_noise(8, (4, 8, 8), seed=1), pairs["labels"])
     torch.testing.assert_close(pairs["finals"], reference.x, rtol=0, atol=5e-4)  # batch-size rounding
 
 
@@ -368,6 +389,17 @@ def test_the_train_command_runs_both_stages_at_k_plus_one_nfe(tmp_path, shards):
     assert [(row["stage"], row["nfe"]) for row in summary["stages"]] == [(0, 3), (1, 3)]
     assert summary["student"]["nfe"] == 3 and summary["teacher"]["nfe"] == STEPS
     assert summary["student"]["samples_per_second"] > 0
+
+
+def test_training_on_the_evaluation_noise_s_trajectories_is_refused_before_any_work(tmp_path, shards):
+    proc = run_cli(
+        "distillbench.train", "method=direct", "data=trajectories", f"data.root={shards}",
+        "+data@data.like=digits", "teacher=digits", "metrics=digits", "eval.noise_seed=1",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "made from noise_seed=1, the evaluation's noise (eval.noise_seed=1)" in proc.stderr
+    assert "noise_seed=2" in proc.stderr and not (tmp_path / "run" / "config.yaml").exists()
 
 
 # ---- bad settings ------------------------------------------------------------------------------------------

@@ -77,6 +77,26 @@ def test_sweep_writes_the_fid_versus_nfe_table_and_figure(workspace, student_run
     markdown = (sweep / "results.md").read_text().splitlines()
     assert len(markdown) == 2 + 3 and "teacher/toy2d/heun-2" in markdown[2]
     assert (sweep / "fid_vs_nfe.png").stat().st_size > 0
+    assert (sweep / "precision_recall.png").stat().st_size > 0
+
+
+def test_a_schedule_other_than_karras_gets_its_own_teacher_row(workspace, tmp_path):
+    results = tmp_path / "results.csv"
+    args = ["data=toy2d", "sampler=heun", "sampler.steps=3", "n=64"]
+    evaluate(workspace, results, *args, f"hydra.run.dir={tmp_path / 'karras'}")
+    evaluate(
+        workspace, results, *args, "schedule@sampler.schedule=improved", f"hydra.run.dir={tmp_path / 'imp'}"
+    )
+    table = pd.read_csv(results).set_index("model")
+    assert list(table.index) == ["teacher/toy2d/heun-3", "teacher/toy2d/heun+improved-3"]
+    assert table["nfe"].tolist() == [5, 5] and table["fid"].nunique() == 2, "another σ grid, another FID"
+
+
+def test_direct_vs_teacher_experiment_crosses_steps_with_both_schedules_and_re_measures():
+    cfg = compose("evaluate", ["experiment=direct_vs_teacher"])
+    params = cfg.hydra.sweeper.params
+    assert params["sampler.steps"] == "20,8" and params["schedule@sampler.schedule"] == "karras,improved"
+    assert cfg.sampler._target_.endswith("DPMSolverPP2MSampler") and cfg.force is True
 
 
 def test_fid_vs_nfe_experiment_sweeps_both_teacher_samplers():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from distillbench.data.toy2d import Toy2DDataModule
 from distillbench.samplers import (
@@ -24,6 +24,7 @@ from distillbench.samplers import (
     generate,
     improved,
     karras,
+    log_uniform,
 )
 from distillbench.teachers.analytic import AnalyticMixtureDenoiser
 from distillbench.teachers.denoiser import Denoiser
@@ -229,12 +230,16 @@ def test_heun_35_nfe_reproduces_the_toy2d_mixture():
     [("heun", HeunSampler, 18), ("euler", EulerSampler, 35), ("dpmpp2m", DPMSolverPP2MSampler, 20)],
 )
 def test_hydra_configs_instantiate_and_swap_schedule(name, cls, steps):
-    cfg = OmegaConf.load(CONF / "sampler" / f"{name}.yaml")
-    sampler = instantiate(cfg)
-    assert type(sampler) is cls and SAMPLERS[name] is cls and sampler.steps == steps
-    assert torch.equal(sampler.sigmas(GaussianDenoiser()), karras(steps))
-    cfg.schedule._target_ = "distillbench.samplers.schedules.improved"
-    assert torch.equal(instantiate(cfg).sigmas(GaussianDenoiser()), improved(steps))
+    def sampler(*overrides: str):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            return instantiate(compose("sample", overrides=[f"sampler={name}", *overrides]).sampler)
+
+    assert type(sampler()) is cls and SAMPLERS[name] is cls and sampler().steps == steps
+    assert torch.equal(sampler().sigmas(GaussianDenoiser()), karras(steps))
+    swapped = sampler("schedule@sampler.schedule=improved").sigmas(GaussianDenoiser())
+    assert torch.equal(swapped, improved(steps, p=2.0))
+    log_spaced = sampler("schedule@sampler.schedule=log_uniform").sigmas(GaussianDenoiser())
+    assert torch.equal(log_spaced, log_uniform(steps))
 
 
 def test_sigma_limits_come_from_the_denoiser_unless_the_schedule_binds_them():

@@ -9,7 +9,7 @@ samples/s) goes into the cumulative table ``results`` (CSV, rewritten atomically
 
 Each job writes its run folder: ``config.yaml``, ``samples.png`` and ``summary.json`` (the row). After a
 ``-m`` sweep, :class:`SweepReport` (a Hydra callback) gathers the jobs' rows into ``results.csv``,
-``results.md`` and ``fid_vs_nfe.png`` in the sweep folder.
+``results.md``, ``fid_vs_nfe.png`` and ``precision_recall.png`` in the sweep folder.
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ def teacher_subject(cfg: DictConfig) -> Subject:
     sampler = hydra.utils.instantiate(cfg.sampler)
     metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.n)
     name = hydra_choice("sampler") or type(sampler).__name__
+    schedule = getattr(sampler.schedule, "func", sampler.schedule).__name__
+    if schedule != "karras":  # EDM's schedule is the default and goes unnamed
+        name = f"{name}+{schedule}"
     model = f"{TEACHER_PREFIX}{teacher_label(cfg)}/{name}-{sampler.steps}"
     return Subject(model, name, teacher, sampler, datamodule, metrics)
 
@@ -273,7 +276,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def sampler_line(model: str) -> str:
-    """``teacher/digits/heun-18`` → ``digits/heun``: one line per teacher and sampler."""
+    """``teacher/digits/heun-18`` → ``digits/heun``: one line per teacher and sampler (and schedule)."""
     return model.removeprefix(TEACHER_PREFIX).rsplit("-", 1)[0]
 
 
@@ -304,14 +307,50 @@ def plot_fid_vs_nfe(table: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
+def point_label(row) -> str:
+    """A teacher as ``heun-18``, a student as ``<method> (<nfe> NFE)``."""
+    if row.model.startswith(TEACHER_PREFIX):
+        return row.model.rsplit("/", 1)[-1]
+    return f"{row.method} ({row.nfe} NFE)"
+
+
+def plot_precision_recall(table: pd.DataFrame, path: str | Path) -> Path:
+    """Precision (fidelity) against recall (diversity), a labelled point per model: the diversity argument of
+    Direct Distillation (Li & Zhang §3.3, Fig. 7) that a student keeping the teacher's trajectory up to step
+    k keeps its recall, where one-step students lose it."""
+    import matplotlib.pyplot as plt
+
+    rows = table.dropna(subset=["precision", "recall"])
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    for row in rows.itertuples():
+        teacher = row.model.startswith(TEACHER_PREFIX)
+        ax.scatter(row.recall, row.precision, marker="o" if teacher else "*", s=40 if teacher else 110,
+                   color="tab:blue" if teacher else "tab:red", zorder=3)  # fmt: skip
+        ax.annotate(point_label(row), (row.recall, row.precision), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)  # fmt: skip
+    settings = sorted({f"{r.data}, {r.extractor}@{format_count(int(r.n))}" for r in rows.itertuples()})
+    ax.set(xlabel="recall (diversity)", ylabel="precision (fidelity)")
+    ax.set_title(f"precision vs recall ({'; '.join(settings)}); o teacher, * student", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_writer(path, binary=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+REPORT_FILES = ("results.csv", "results.md", "fid_vs_nfe.png", "precision_recall.png")
+
+
 def write_sweep_report(sweep_dir: str | Path) -> pd.DataFrame:
-    """``results.csv``, ``results.md`` and ``fid_vs_nfe.png`` in the sweep folder; returns the table."""
+    """``REPORT_FILES`` in the sweep folder: the table, FID against NFE, precision against recall."""
     sweep_dir = Path(sweep_dir)
     table = gather_sweep(sweep_dir)
     with atomic_writer(sweep_dir / "results.csv") as tmp:
         table.to_csv(tmp, index=False)
     atomic_write_text(sweep_dir / "results.md", markdown_table(table))
     plot_fid_vs_nfe(table, sweep_dir / "fid_vs_nfe.png")
+    plot_precision_recall(table, sweep_dir / "precision_recall.png")
     return table
 
 
@@ -323,8 +362,7 @@ class SweepReport(Callback):
         if not any(sweep_dir.glob("*/summary.json")):
             return
         write_sweep_report(sweep_dir)
-        print(f"sweep report: {sweep_dir / 'results.csv'}, {sweep_dir / 'results.md'}, "
-              f"{sweep_dir / 'fid_vs_nfe.png'}")  # fmt: skip
+        print(f"sweep report: {', '.join(str(sweep_dir / name) for name in REPORT_FILES)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from distillbench.callbacks import KimgBudget, PeriodicEvaluation, StageEvaluati
 from distillbench.config import CONFIG_DIR
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
+from distillbench.data.trajectories import check_held_out
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
@@ -35,6 +36,8 @@ def build(cfg: DictConfig):
     """Instantiate everything, so that every bad-input check runs before any work."""
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.arrays("train")  # missing data or packages fail here, first
+    if hasattr(datamodule, "manifest"):  # direct distillation's trajectory pairs
+        check_held_out(datamodule.manifest, datamodule.root, cfg.eval.noise_seed)
     teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
     student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)

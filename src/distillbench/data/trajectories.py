@@ -47,6 +47,17 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
+def check_held_out(manifest: dict, root: Path, eval_noise_seed: int) -> None:
+    """The pairs come from other noise than the evaluation's, or the student is measured on its inputs."""
+    if int(manifest["noise_seed"]) == int(eval_noise_seed):
+        raise ConfigError(
+            f"{root} was made from noise_seed={manifest['noise_seed']}, the evaluation's noise "
+            f"(eval.noise_seed={eval_noise_seed}): the student would be measured on the trajectories it "
+            f"trains on; remake them with `{RERUN} noise_seed={int(eval_noise_seed) + 1}` or set another "
+            "eval.noise_seed"
+        )
+
+
 class PairDataset(Dataset):
     """Pair i = (trajectory i // J, step index i % J) of stacked shards, without copying the finals."""
 
