@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -42,12 +43,26 @@ def run_name() -> str | None:
     return ",".join(own) or None
 
 
+def launch_id(default: str) -> str:
+    """A run folder's name that every rank agrees on: the launch's id when a launcher started the ranks
+    (torchrun: ``TORCHELASTIC_RUN_ID``; a multi-task SLURM step: job and step id, also after a requeue),
+    else ``default`` (the start time). Plain torchrun without ``--standalone`` or ``--rdzv-id`` has the id
+    ``none``, so it gets the start time too: give such launches ``hydra.run.dir``."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return f"torchrun-{run_id}"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', 0)}"
+    return default
+
+
 def register_resolvers() -> None:
-    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B."""
+    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B; ``launch_id``."""
     resolvers = {
         "distillbench.assets": lambda: str(ASSETS_DIR),
         "distillbench.run_group": run_group,
         "distillbench.run_name": run_name,
+        "distillbench.launch_id": launch_id,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

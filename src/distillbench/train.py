@@ -23,6 +23,7 @@ from distillbench.config import CONFIG_DIR
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
 from distillbench.data.trajectories import check_held_out
+from distillbench.distributed import is_rank_zero
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
@@ -97,10 +98,13 @@ def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, t
 
 def train(cfg: DictConfig) -> dict:
     datamodule, teacher, method, train_data, metrics, evaluation, trainer = build(cfg)
-    write_config(cfg)
+    if is_rank_zero():
+        write_config(cfg)
     out = output_dir(cfg)
     trainer.fit(method, datamodule=train_data)
-    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")  # every rank: a collective under DDP
+    if trainer.global_rank != 0:  # ranks started by Lightning's popen launcher or torchrun end here
+        return {}
 
     student_x = evaluation.samples(method)
     z, labels = evaluation.fixed_inputs(method)

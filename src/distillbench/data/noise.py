@@ -16,23 +16,29 @@ from distillbench.data.base import ConfigError, TensorDataModule, per_device_bat
 UNCONDITIONAL = -1
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed of its own for each (seed, rank) pair, so that ranks draw different labels."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def stream_seed(seed: int) -> int:
+    return int(np.random.SeedSequence([seed]).generate_state(1)[0])
 
 
 class LabelStream(IterableDataset):
-    """Endless batches of ``batch`` labels drawn from ``probs``; all ``-1`` when ``probs`` is None."""
+    """Endless batches of ``batch`` labels drawn from ``probs``; all ``-1`` when ``probs`` is None.
 
-    def __init__(self, probs: torch.Tensor | None, batch: int, seed: int):
+    Every rank draws the global batch (``world`` × ``batch``) from the same stream and keeps its own rows, so
+    ranks differ and together see the labels a single process with the global batch sees.
+    """
+
+    def __init__(self, probs: torch.Tensor | None, batch: int, seed: int, rank: int = 0, world: int = 1):
         self.probs = probs
         self.batch = batch
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = slice(rank * batch, (rank + 1) * batch)
+        self.world = world
+        self.generator = torch.Generator().manual_seed(stream_seed(seed))
 
     def draw(self) -> torch.Tensor:
         if self.probs is None:
             return torch.full((self.batch,), UNCONDITIONAL, dtype=torch.long)
-        return torch.multinomial(self.probs, self.batch, replacement=True, generator=self.generator)
+        size = self.world * self.batch
+        return torch.multinomial(self.probs, size, replacement=True, generator=self.generator)[self.rows]
 
     def __iter__(self):
         while True:
@@ -74,7 +80,7 @@ class NoiseDataModule(L.LightningDataModule):
         self._sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.rank = 0
+        self.rank, self.world = 0, 1
 
     def resolve_classes(self, num_classes: int) -> int:
         """``num_classes`` agreed between the argument, ``label_probs`` and ``like``."""
@@ -120,11 +126,11 @@ class NoiseDataModule(L.LightningDataModule):
         return self.real_data().real_samples(n, split, seed)
 
     def setup(self, stage: str | None = None) -> None:
-        world = self.trainer.world_size if self.trainer is not None else 1
+        self.world = self.trainer.world_size if self.trainer is not None else 1
         self.rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.batch_per_device = per_device_batch(self.batch_size, world)
+        self.batch_per_device = per_device_batch(self.batch_size, self.world)
 
     def train_dataloader(self) -> DataLoader:
         batch = getattr(self, "batch_per_device", self.batch_size)
-        stream = LabelStream(self.label_distribution, batch, rank_seed(self.seed, self.rank))
+        stream = LabelStream(self.label_distribution, batch, self.seed, self.rank, self.world)
         return DataLoader(stream, batch_size=None)

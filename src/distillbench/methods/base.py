@@ -7,7 +7,8 @@ It owns what the three share (algorithms.md §2–3; SiD ``sid_training_loop.py`
 - the frozen teacher φ, held outside the module tree: never in checkpoints, never wrapped by DDP;
 - the alternation of ``fake_updates`` ψ-updates per θ-update (default 1:1);
 - a generator-only EMA with a half-life in kimg and EDM's ramp-up;
-- noise seeded per (seed, rank, generator step, phase), so ranks differ and a run is reproducible;
+- noise seeded per (seed, generator step, phase): every rank draws the global batch from that stream and
+  keeps its own rows, so ranks differ and W processes step as one process with the same global batch;
 - progress counted in generator steps and kimg (``global_step`` counts both optimisers);
 - loss scaling, dropping samples with non-finite values and ``nan_to_num`` on gradients, with counts.
 
@@ -32,18 +33,17 @@ from distillbench.utils.ema import ema_beta, update_ema
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 
-def sigma_p_sim(n: int, t_max: float = 0.8, generator=None, device=None) -> torch.Tensor:
-    """SiD/SIM generator time law: t ~ U[0, t_max] on the ρ = 7 Karras map, σ ∈ [0.002, 24.4] (§3.2)."""
-    t = torch.rand(n, generator=generator, device=device) * t_max
+def sigma_p_sim(u: torch.Tensor, t_max: float = 0.8) -> torch.Tensor:
+    """SiD/SIM generator time law from u ~ U[0, 1): t = u·t_max on the ρ = 7 Karras map, σ ∈ [0.002, 24.4]
+    (§3.2)."""
+    t = u * t_max
     a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
     return (a + (1 - t) * (b - a)) ** RHO
 
 
-def sigma_p_edm(
-    n: int, p_mean: float = -1.2, p_std: float = 1.2, generator=None, device=None
-) -> torch.Tensor:
-    """EDM's log-normal training law: ln σ ~ N(P_mean, P_std²)."""
-    return (torch.randn(n, generator=generator, device=device) * p_std + p_mean).exp()
+def sigma_p_edm(normal: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """EDM's log-normal training law from standard normals: ln σ ~ N(P_mean, P_std²)."""
+    return (normal * p_std + p_mean).exp()
 
 
 def check_positive(name: str, value: float) -> None:
@@ -74,8 +74,13 @@ class DistillationMethod(L.LightningModule):
     """What every strategy shares: the frozen teacher outside the module tree, the sample shape and classes,
     progress in generator steps and kimg, per-rank seeding, and the non-finite guards with their counts.
 
-    Manual optimisation; ``global_step`` is never used for progress (it counts every optimiser).
+    Manual optimisation; ``global_step`` is never used for progress (it counts every optimiser). Under
+    :class:`~distillbench.distributed.NetworkDDPStrategy` each network named in ``ddp_networks`` gets its
+    own DDP; a method calls ``self.synced(name)`` where that network's gradients must be reduced.
     """
+
+    #: the trainable networks (attribute names) that NetworkDDPStrategy wraps one by one
+    ddp_networks: tuple[str, ...] = ()
 
     def __init__(self, teacher: Denoiser, seed: int = 0):
         super().__init__()
@@ -87,6 +92,7 @@ class DistillationMethod(L.LightningModule):
         self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
         for name in ("gen_steps", "dropped_samples", "nonfinite_grads"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._ddp: dict[str, torch.nn.Module] = {}  # a plain dict: the DDP wrappers stay out of the tree
 
     @property
     def teacher(self) -> Denoiser:
@@ -99,13 +105,29 @@ class DistillationMethod(L.LightningModule):
     def kimg(self) -> float:
         return float(self.nimg) / 1000
 
-    def seeded_generator(self, *key: int) -> torch.Generator:
-        """A generator seeded by (seed, rank, generator step, *key): per-rank, reproducible noise."""
-        rank = self.global_rank if self._trainer is not None else 0
-        state = np.random.SeedSequence([self.seed, rank, int(self.gen_steps), *key]).generate_state(
+    def attach_ddp(self, wrapped: dict[str, torch.nn.Module]) -> None:
+        """Use these DDP wrappers (by network name) for :meth:`synced`; ``{}`` detaches them."""
+        self._ddp = dict(wrapped)
+
+    def synced(self, name: str) -> torch.nn.Module:
+        """Network ``name`` as a gradient-reducing DDP wrapper under DDP, else the network itself."""
+        return self._ddp.get(name) or getattr(self, name)
+
+    def rank_and_world(self) -> tuple[int, int]:
+        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    def seeded_generator(self, *key: int, per_rank: bool = True) -> torch.Generator:
+        """A generator seeded by (seed, rank, generator step, *key), or without the rank when shared."""
+        rank = (self.rank_and_world()[0],) if per_rank else ()
+        state = np.random.SeedSequence([self.seed, *rank, int(self.gen_steps), *key]).generate_state(
             1, np.uint64
         )
         return torch.Generator(device=self.device).manual_seed(int(state[0] >> 1))
+
+    def rank_rows(self, draw, n: int, *shape: int) -> torch.Tensor:
+        """This rank's ``n`` rows of the global batch ``draw((W·n, *shape))`` drawn alike on every rank."""
+        rank, world = self.rank_and_world()
+        return draw((world * n, *shape))[rank * n : (rank + 1) * n]
 
     def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
         """Mean over the samples whose loss is finite; the others are dropped and counted."""
@@ -202,6 +224,8 @@ class StagedDistillation(DistillationMethod):
 class ScoreDistillation(DistillationMethod):
     """Manual-optimisation base: alternates ψ (fake score) and θ (generator) updates."""
 
+    ddp_networks = ("generator", "fake")
+
     #: generator time law of the method (``p_sim`` or ``p_edm``); a subclass may make it configurable
     time_law: str = "p_sim"
 
@@ -243,12 +267,21 @@ class ScoreDistillation(DistillationMethod):
 
     @property
     def batch_per_device(self) -> int:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return per_device_batch(self.hparams.batch_size, world, key="method.batch_size")
+        return per_device_batch(self.hparams.batch_size, self.rank_and_world()[1], key="method.batch_size")
 
     def generator_for(self, phase: str, index: int = 0) -> torch.Generator:
-        """The random stream of a phase (ψ-update ``index`` or the θ-update) of this generator step."""
-        return self.seeded_generator({"fake": 0, "gen": 1}[phase], index)
+        """The random stream of a phase (ψ-update ``index`` or the θ-update) of this generator step, the same
+        on every rank (each keeps its own rows of every draw)."""
+        return self.seeded_generator({"fake": 0, "gen": 1}[phase], index, per_rank=False)
+
+    def randn(self, n: int, *shape: int) -> torch.Tensor:
+        """Standard normals (n, *shape): this rank's rows of the phase stream's global draw."""
+        draw = lambda size: torch.randn(size, generator=self.rng, device=self.device)  # noqa: E731
+        return self.rank_rows(draw, n, *shape)
+
+    def rand(self, n: int) -> torch.Tensor:
+        """Uniforms on [0, 1) (n,): this rank's rows of the phase stream's global draw."""
+        return self.rank_rows(lambda size: torch.rand(size, generator=self.rng, device=self.device), n)
 
     def generate(self, z: torch.Tensor, labels=None, net: Denoiser | None = None) -> torch.Tensor:
         """G(z) = D(σ_init·z; σ_init, labels)."""
@@ -259,18 +292,17 @@ class ScoreDistillation(DistillationMethod):
     def draw(self, phase: str, index: int = 0) -> torch.Tensor:
         """Start a phase: seed its random stream and draw the generator noise z of its batch."""
         self.rng = self.generator_for(phase, index)
-        return torch.randn(self.batch_per_device, *self.sample_shape, generator=self.rng, device=self.device)
+        return self.randn(self.batch_per_device, *self.sample_shape)
 
     def sample_sigma(self, n: int, law: str | None = None) -> torch.Tensor:
         """σ from the generator time law (``p_sim`` or ``p_edm``), from the phase's stream."""
         if (law or self.time_law) == "p_sim":
-            return sigma_p_sim(n, self.hparams.t_max, generator=self.rng, device=self.device)
-        return sigma_p_edm(n, generator=self.rng, device=self.device)
+            return sigma_p_sim(self.rand(n), self.hparams.t_max)
+        return sigma_p_edm(self.randn(n))
 
     def noised(self, x_g: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x_t = x_g + σ·n with fresh n from the phase's stream."""
-        noise = torch.randn(x_g.shape, generator=self.rng, device=x_g.device)
-        return x_g + as_sigma_batch(sigma, x_g) * noise
+        return x_g + as_sigma_batch(sigma, x_g) * self.randn(*x_g.shape)
 
     def teacher_and_fake(self, x_g: torch.Tensor, labels):
         """σ from the time law, x_t = x_g + σ·n, and (σ, D_φ(x_t), D_ψ(x_t)); gradients flow through x_t."""
@@ -290,7 +322,7 @@ class ScoreDistillation(DistillationMethod):
         with torch.no_grad():
             x_g = self.generate(z, labels)
         self.generator.train()
-        return edm_loss(self.fake, x_g, labels, generator=self.rng).flatten()
+        return edm_loss(self.synced("fake"), x_g, labels, normal=lambda shape: self.randn(*shape)).flatten()
 
     def training_step(self, batch, batch_idx):
         labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
@@ -300,7 +332,7 @@ class ScoreDistillation(DistillationMethod):
             loss_f = self.finite_mean(self.fake_score_loss(labels, index))
             self.step_optimizer(opt_f, loss_f, self.fake.parameters(), self.hparams.loss_scaling)
         self.fake.requires_grad_(False)  # θ-step: ψ's parameters frozen, gradients flow through its input
-        x_g = self.generate(self.draw("gen"), labels)
+        x_g = self.generate(self.draw("gen"), labels, self.synced("generator"))
         loss_g = self.finite_mean(self.generator_loss(x_g, labels))
         self.step_optimizer(opt_g, loss_g, self.generator.parameters(), self.hparams.loss_scaling_g)
         self.fake.requires_grad_(True)

@@ -104,6 +104,8 @@ class DirectDistillation(StagedDistillation):
     one the trainer is stopped. :attr:`steps` (= :attr:`nfe` = k + 1) is the sampler's NFE.
     """
 
+    ddp_networks = ("net", "refiner")  # one trained per stage: each its own DDP
+
     #: it trains on the batches of a trajectory data module, not on ``NoiseDataModule``
     trains_on_real_data = True
 
@@ -207,10 +209,10 @@ class DirectDistillation(StagedDistillation):
         """Per-sample loss of the current stage: d(S_θ(x_k), x_N), or ‖R_φ(S_θ(x_k)) − x_N‖² with θ fixed."""
         t = time_input(sigma)
         if self.current_stage == 0:
-            return distance(self.net(x_k, t), x_final, self.loss_kind())
+            return distance(self.synced("net")(x_k, t), x_final, self.loss_kind())
         with torch.no_grad():
             student = self.net(x_k, t)
-        return distance(self.refiner(student, t), x_final, "l2")
+        return distance(self.synced("refiner")(student, t), x_final, "l2")
 
     def training_step(self, batch, batch_idx):
         if self.stopped():

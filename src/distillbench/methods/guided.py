@@ -155,5 +155,5 @@ class GuidedDistillation(ProgressiveDistillation):
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         x = x0 + as_sigma_batch(sigma, x0) * noise
         target = guided_target(self.teacher, x, sigma, labels, w)
-        error = (self.student(x, sigma.float(), labels, w=w) - target) ** 2
+        error = (self.synced("student")(x, sigma.float(), labels, w=w) - target) ** 2
         return loss_weight(sigma, self.weighting) * error.flatten(1).mean(1)

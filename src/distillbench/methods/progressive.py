@@ -126,6 +126,8 @@ class ProgressiveDistillation(StagedDistillation):
     #: it trains on batches ``[x]`` or ``[x, labels]`` of a real data module, not on ``NoiseDataModule``
     trains_on_real_data = True
 
+    ddp_networks = ("student",)  # the frozen previous student needs no DDP
+
     def __init__(
         self,
         teacher: Denoiser,
@@ -195,7 +197,7 @@ class ProgressiveDistillation(StagedDistillation):
         x = x0 + per_sample(sigma, x0).float() * noise
         x_next = teacher_two_steps(self.teacher, x, sigma, sigma_mid, sigma_next, labels)
         target = student_target(x.double(), x_next, sigma, sigma_next).float()
-        error = (self.student(x, sigma.float(), labels) - target) ** 2
+        error = (self.synced("student")(x, sigma.float(), labels) - target) ** 2
         return loss_weight(sigma, self.weighting) * error.flatten(1).mean(1)
 
     # ---- optimisation --------------------------------------------------------------------------------------

@@ -18,14 +18,17 @@ from distillbench.utils.ema import ema_beta, update_ema
 
 
 def edm_loss(
-    denoiser, y: torch.Tensor, labels, p_mean: float = -1.2, p_std: float = 1.2, generator=None
+    denoiser, y: torch.Tensor, labels, p_mean: float = -1.2, p_std: float = 1.2, generator=None, normal=None
 ) -> torch.Tensor:
-    """Per-sample EDM loss, averaged over elements (σ and n drawn from ``generator`` when given)."""
+    """Per-sample EDM loss, averaged over elements. σ and n are standard normals from ``normal(shape)`` when
+    given, else drawn from ``generator``."""
+    if normal is None:
+        normal = lambda shape: torch.randn(shape, device=y.device, generator=generator)  # noqa: E731
     shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-    sigma = (torch.randn(shape, device=y.device, generator=generator) * p_std + p_mean).exp()
+    sigma = (normal(shape) * p_std + p_mean).exp()
     sd = denoiser.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # λ(σ)
-    noise = torch.randn(y.shape, device=y.device, generator=generator)
+    noise = normal(y.shape)
     d = denoiser(y + sigma * noise, sigma.flatten(), labels)
     return (weight * (d - y) ** 2).flatten(1).mean(1)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distillbench.distributed import is_rank_zero
 from distillbench.errors import MissingPackageError
 from distillbench.utils.io import atomic_write_text
 
@@ -34,6 +35,8 @@ def wandb_run_id(run_dir: Path) -> str:
     path = Path(run_dir) / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
+    if not is_rank_zero():  # W&B logs from rank 0 only; the other ranks never write the file
+        return ""
     run_id = secrets.token_hex(4)
     atomic_write_text(path, run_id + "\n")
     return run_id

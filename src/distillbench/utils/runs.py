@@ -15,6 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from distillbench.distributed import distributed_state_reset
 from distillbench.errors import ConfigError
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 
@@ -50,7 +51,8 @@ def task(fn):
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         folder = output_dir(cfg)
         try:
-            return fn(cfg)
+            with distributed_state_reset():  # the next job of a sweep starts without this one's ranks
+                return fn(cfg)
         except Exception as err:
             cause = config_error_in(err)
             if cause is None:
