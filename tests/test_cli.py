@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +161,19 @@ def test_main_job_writes_the_output_contract(tmp_path):
     evals = [line for line in (folder / "metrics.csv").read_text().splitlines()[1:] if line.split(",")[1]]
     assert len(evals) == 3, "evaluations at kimg 0, after 2 steps, and at the end"
     assert "SIM on digits" in proc.stdout and "student" in proc.stdout
+
+
+def test_bf16_mixed_precision_trains_fp32_weights_through_bf16_networks(tmp_path):
+    """trainer.precision: 32-true (default) or bf16-mixed (autocast; weights and preconditioning in fp32)."""
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        run_cli("distillbench.train", "method=sid", "data=digits", f"trainer.precision={precision}",
+                "distill.batch_size=8", "distill.duration_kimg=0.016", "eval.n=64", "eval.teacher=false",
+                "logger=csv", f"hydra.run.dir={tmp_path / precision}", cwd=tmp_path)  # fmt: skip
+        runs[precision] = torch.load(tmp_path / precision / "checkpoints/last.ckpt", weights_only=False)
+    fp32, bf16 = (runs[p]["state_dict"] for p in ("32-true", "bf16-mixed"))
+    assert {t.dtype for k, t in bf16.items() if k.startswith("generator.")} == {torch.float32}
+    moved = [k for k in fp32 if k.startswith("generator.") and not torch.equal(fp32[k], bf16[k])]
+    assert moved, "the bf16 networks took other steps than the fp32 ones"
+    losses = pd.read_csv(tmp_path / "bf16-mixed" / "metrics.csv")["train/loss_gen"].dropna()
+    assert len(losses) and np.isfinite(losses).all()

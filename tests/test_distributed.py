@@ -148,3 +148,49 @@ def test_ddp_trainers_use_the_per_network_strategy(trainer):
     cfg = compose("train", [f"trainer={trainer}"])
     assert cfg.trainer.strategy._target_ == "distillbench.distributed.NetworkDDPStrategy"
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy.find_unused_parameters is False
+
+
+# ---- SLURM through submitit --------------------------------------------------------------------------------
+def test_submitit_local_runs_each_sweep_job_in_its_own_fixed_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("distillbench.train", "-m", "hydra/launcher=local", "method=sim,sid", *TINY,
+            "distill.duration_kimg=0.032", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    for job, method in (("0", "SIM"), ("1", "SiD")):
+        assert json.loads((sweep / job / "summary.json").read_text())["method"] == method
+    assert (sweep / ".submitit").is_dir() and (sweep / "curves.csv").is_file()
+
+
+def test_the_slurm_launcher_gives_one_task_and_gpu_per_lightning_rank():
+    from tests.test_cli import compose
+
+    cfg = compose("train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4 and launcher.nodes == 1
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout == 0
+
+
+def test_lightning_requeues_on_the_signal_slurm_was_asked_to_send(monkeypatch):
+    import signal
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from distillbench.distributed import slurm_plugins
+
+    for key in (
+        "SLURM_NTASKS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_JOB_NAME",
+        "SUBMITIT_EXECUTOR",
+        "SUBMITIT_PREEMPT_SIGNAL",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    assert slurm_plugins() == [], "no SLURM, no plugin"
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # what sbatch/srun set for one 2-task node (as submitit asks)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    (plugin,) = slurm_plugins()
+    assert isinstance(plugin, SLURMEnvironment) and plugin.auto_requeue
+    assert plugin.requeue_signal == signal.SIGUSR1, "sbatch --signal=USR1@<s>: Lightning's default"
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert slurm_plugins()[0].requeue_signal == signal.SIGUSR2, "submitit asks SLURM for USR2"

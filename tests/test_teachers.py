@@ -66,6 +66,18 @@ def test_edm_denoiser_applies_preconditioning():
     torch.testing.assert_close(d.score(x, sigma), (out - x) / sigma[:, None] ** 2)
 
 
+def test_preconditioning_stays_in_fp32_under_bf16_autocast():
+    """trainer.precision=bf16-mixed runs the backbone in bf16; c_skip·x + c_out·F stays in fp32."""
+    d = EDMDenoiser(MLPBackbone(dim=2, hidden=32), sample_shape=(2,), sigma_data=0.5)
+    x = torch.randn(64, 2) * 3
+    sigma = torch.full((64,), 0.002)  # c_skip ≈ 1: D(x) ≈ x, to fp32 rather than bf16 (2⁻⁸) accuracy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(x, sigma)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, d(x, sigma), rtol=0, atol=1e-3)  # only c_out·F (c_out ≈ 0.002) is bf16
+    assert (x.to(torch.bfloat16).float() - x).abs().max() > 1e-2, "x itself in bf16 would be 10× further off"
+
+
 def test_analytic_denoiser_matches_monte_carlo_posterior_mean():
     mixture = GaussianMixture([[-1.0, 0.0], [1.0, 0.5]], [0.2, 0.4], [0.3, 0.7])
     denoiser = AnalyticMixtureDenoiser(mixture)

@@ -12,17 +12,22 @@ a clean process between sweep jobs (ecosystem.md §2.1–2.2).
   child the job's own overrides, ``hydra.mode=RUN`` and the job's folder instead.
 - :func:`distributed_state_reset` destroys the process group and restores the rank variables after a job,
   so the next job of a sweep (perhaps on another device count) starts as a fresh process would.
+- :func:`slurm_plugins`: under SLURM, Lightning saves an HPC checkpoint and requeues the job on the signal
+  that the launcher asked SLURM to send before the time limit; the requeued job runs in the same folder
+  and Lightning resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import subprocess_script
 from torch.nn.parallel import DistributedDataParallel
@@ -121,3 +126,18 @@ def distributed_state_reset():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def requeue_signal() -> signal.Signals:
+    """The signal SLURM sends before the time limit: submitit's (``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default)
+    in a job that submitit started, else USR1 (``sbatch --signal=USR1@120``, Lightning's default)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+    return signal.SIGUSR1
+
+
+def slurm_plugins() -> list:
+    """Lightning's SLURM environment listening to :func:`requeue_signal`, when running under SLURM."""
+    if not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=True, requeue_signal=requeue_signal())]

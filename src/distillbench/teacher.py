@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from distillbench.config import CONFIG_DIR
+from distillbench.distributed import slurm_plugins
 from distillbench.teachers.checkpoint import count_parameters, save_teacher
 from distillbench.teachers.denoiser import EDMDenoiser
 from distillbench.utils.logging import instantiate_loggers
@@ -31,7 +32,8 @@ def train_teacher(cfg: DictConfig) -> dict:
     spec = denoiser_spec(cfg, datamodule)
     denoiser: EDMDenoiser = hydra.utils.instantiate(spec)
     module = hydra.utils.instantiate(cfg.training, denoiser=denoiser)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")),
+                                      plugins=slurm_plugins() or None)  # fmt: skip
     write_config(cfg)
     start = time.time()
     trainer.fit(module, datamodule=datamodule)

@@ -23,7 +23,7 @@ from distillbench.config import CONFIG_DIR
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
 from distillbench.data.trajectories import check_held_out
-from distillbench.distributed import is_rank_zero
+from distillbench.distributed import is_rank_zero, slurm_plugins
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
@@ -57,6 +57,7 @@ def build(cfg: DictConfig):
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks,
         logger=instantiate_loggers(cfg.get("logger"), output_dir(cfg)), max_steps=-1, max_epochs=-1,
+        plugins=slurm_plugins() or None,
     )  # fmt: skip
     per_device_batch(cfg.distill.batch_size, trainer.world_size, key="distill.batch_size")
     return datamodule, teacher, method, train_data, metrics, evaluation, trainer
