@@ -16,6 +16,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from distillbench.data.base import TensorDataModule
 from distillbench.data.toy2d import Toy2DDataModule
+from distillbench.errors import ConfigError
 from distillbench.metrics import (
     FID,
     ClassifierFeatures,
@@ -215,6 +216,43 @@ def test_real_stats_cache_round_trip(tmp_path):
     assert cached_real_stats(extractor, other, path).n == 500 and extractor.seen == 2000
     assert cached_real_stats(extractor, other, path).fingerprint == RealStats.load(path).fingerprint
     assert extractor.seen == 2000
+
+
+def test_fid_against_reference_statistics_from_a_file_or_a_url_fetched_once(tmp_path):
+    """EDM's protocol: FID against a published (μ, Σ) .npz; the data still serves KID/precision/recall."""
+    real, fake = torch.randn(400, 3), torch.randn(400, 3) + 0.3
+    own = MetricSuite(IdentityFeatures(3), n=400, metrics=["fid", "pr"]).evaluate(fake, GivenData(real))
+    mu, sigma = real.double().mean(0).numpy(), np.cov(real.double().numpy().T)
+    np.savez(tmp_path / "refs.npz", mu=mu, sigma=sigma)
+    data = GivenData(real)
+    by_file = MetricSuite(
+        IdentityFeatures(3), n=400, metrics=["fid", "pr"], reference=str(tmp_path / "refs.npz")
+    )
+    assert by_file.evaluate(fake, data) == pytest.approx(own, rel=1e-9)
+    shifted = GivenData(real + 5.0)  # the reference, not the data, sets FID's real side
+    assert by_file.evaluate(fake, shifted)["fid_data@400"] == pytest.approx(own["fid_data@400"], rel=1e-9)
+
+    url = (tmp_path / "refs.npz").as_uri()  # file:// stands in for https:// here
+    by_url = MetricSuite(IdentityFeatures(3), n=400, metrics=["fid"], reference=url, cache_dir=tmp_path / "c")
+    assert by_url.evaluate(fake, data)["fid_data@400"] == pytest.approx(own["fid_data@400"], rel=1e-9)
+    assert (tmp_path / "c" / "refs" / "refs.npz").is_file()
+    (tmp_path / "refs.npz").unlink()
+    assert by_url.evaluate(fake, data)["fid_data@400"] == pytest.approx(own["fid_data@400"]), "kept"
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [({"mu": np.zeros(4), "sigma": np.eye(4)}, r"4-dimensional statistics but the extractor gives 3"),
+     ({"m": np.zeros(3)}, r"holds \['m'\], not the arrays mu and sigma"),
+     (None, r"does not exist; give EDM's fid-refs .npz or its URL")],
+)  # fmt: skip
+def test_bad_reference_statistics_are_refused_naming_the_fix(tmp_path, arrays, match):
+    path = tmp_path / "refs.npz"
+    if arrays is not None:
+        np.savez(path, **arrays)
+    suite = MetricSuite(IdentityFeatures(3), n=10, metrics=["fid"], reference=str(path))
+    with pytest.raises(ConfigError, match=match):
+        suite.evaluate(torch.randn(10, 3), GivenData(torch.randn(10, 3)))
 
 
 def test_suite_rejects_other_dataset_and_too_few_samples():

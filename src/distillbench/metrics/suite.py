@@ -7,6 +7,11 @@ computed once per (dataset, split, extractor, n) and cached as ``<cache_dir>/sta
 carries a fingerprint of the real samples and the extractor weights, so a changed dataset or a retrained
 classifier recomputes instead of reusing stale statistics. Names carry extractor and count: ``fid_clf@2k``.
 
+With ``reference`` (a ``.npz`` of ``mu`` and ``sigma``, a path or URL: EDM's ``fid-refs``, e.g.
+https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, fetched once into ``<cache_dir>/refs``)
+the FID compares against those published statistics, as the EDM/SiD/SIM papers do; KID and precision/recall
+still use the data's own features.
+
 The suite is local to a process (``sync_on_compute=False``): give it all samples on one rank, or each rank
 its own share.
 """
@@ -14,6 +19,8 @@ its own share.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +32,13 @@ from torch import nn
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from distillbench.errors import ConfigError
 from distillbench.metrics.frechet import FID, gaussian_stats
 from distillbench.metrics.precision_recall import precision_recall
 from distillbench.utils.io import atomic_writer
 
 KINDS = ("fid", "is", "kid", "pr", "modes")
+REFERENCE_COUNT = 50_000  # images behind EDM's fid-refs; (μ, Σ) come back exactly for any count
 FEATURE_KINDS = {"fid", "is", "kid", "pr"}
 
 
@@ -107,6 +116,44 @@ def cached_real_stats(
     return stats
 
 
+def fetch_reference(reference: str, cache_dir: Path | None) -> Path:
+    """The local file of ``reference``: a path as is, a URL downloaded once into ``<cache_dir>/refs``."""
+    if "://" not in reference:
+        path = Path(reference).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"metrics.reference={reference} does not exist; give EDM's fid-refs .npz or its URL"
+            )
+        return path
+    if cache_dir is None:
+        raise ConfigError(
+            f"metrics.reference={reference} is a URL: set metrics.cache_dir to keep the download"
+        )
+    path = cache_dir / "refs" / reference.rsplit("/", 1)[-1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(reference) as src, atomic_writer(path, binary=True) as tmp:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(src, f)
+    return path
+
+
+def load_reference(path: Path, num_features: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) of a reference ``.npz``, checked against the extractor's feature width."""
+    with np.load(path) as z:
+        if not {"mu", "sigma"} <= set(z.files):
+            raise ConfigError(
+                f"metrics.reference {path} holds {sorted(z.files)}, not the arrays mu and sigma"
+            )
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    if num_features is not None and mu.shape != (num_features,):
+        raise ConfigError(
+            f"metrics.reference {path} has {mu.shape[0]}-dimensional statistics but the extractor gives "
+            f"{num_features} features; use the reference of this extractor (EDM's are Inception pool3, 2048)"
+        )
+    return mu, sigma
+
+
 def _seeded(fn, seed: int):
     """Run ``fn`` (torchmetrics' random subsets and splits) with a fixed seed, sparing the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -157,6 +204,7 @@ class MetricSuite:
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         is_splits: int = 10,
+        reference: str | None = None,
     ):
         if not isinstance(extractor, nn.Module):
             extractor = hydra.utils.instantiate(extractor)
@@ -167,6 +215,7 @@ class MetricSuite:
         self.batch_size, self.k = int(batch_size), int(k)
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self.is_splits = int(is_splits)
+        self.reference = None if reference is None else str(reference)
         self._memo: dict[str, RealStats] = {}
         self._check()
 
@@ -214,7 +263,8 @@ class MetricSuite:
             raise ValueError(f"got {len(fake)} fake samples, the suite needs n={self.n}")
         fake = fake[: self.n]
         needs_features = FEATURE_KINDS & set(self.metrics)
-        real = self.real_stats(datamodule) if needs_features - {"is"} else None
+        data_side = needs_features - {"is"} - ({"fid"} if self.reference else set())
+        real = self.real_stats(datamodule) if data_side else None
         feats = extract(self.extractor, fake, self.batch_size) if needs_features else None
         out: dict[str, float] = {}
         for kind in self.metrics:
@@ -231,9 +281,13 @@ class MetricSuite:
                 out.update(self._mode_shares(fake, datamodule))
         return out
 
-    def _fid(self, real: RealStats, feats: torch.Tensor) -> float:
+    def _fid(self, real: RealStats | None, feats: torch.Tensor) -> float:
         fid = FID(feature=_GivenFeatures(feats.shape[1]), sync_on_compute=False)
-        fid.set_real_stats(real.mu, real.sigma, real.n)
+        if self.reference:
+            mu, sigma = load_reference(fetch_reference(self.reference, self.cache_dir), feats.shape[1])
+            fid.set_real_stats(mu, sigma, REFERENCE_COUNT)
+        else:
+            fid.set_real_stats(real.mu, real.sigma, real.n)
         fid.update(feats, real=False)
         return float(fid.compute())
 
