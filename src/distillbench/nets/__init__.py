@@ -4,6 +4,7 @@ NAFNet ``F(x, t)`` of direct distillation."""
 from distillbench.nets.classifier import SmallClassifier
 from distillbench.nets.mlp import MLPBackbone
 from distillbench.nets.nafnet import NAFNet
+from distillbench.nets.songunet import SongUNet
 from distillbench.nets.unet import UNetBackbone
 
-__all__ = ["MLPBackbone", "NAFNet", "SmallClassifier", "UNetBackbone"]
+__all__ = ["MLPBackbone", "NAFNet", "SmallClassifier", "SongUNet", "UNetBackbone"]
