@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HYDRA_FULL_ERROR ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: help install run test test-slow lint format install-inception teachers classifiers clean
+.PHONY: help install run test test-slow lint format install-inception teachers classifiers gpu-check clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ teachers: $(STAMP) ## Retrain the shipped teachers (about 2 h on 2 CPU cores; se
 classifiers: $(STAMP) ## Retrain the shipped metric classifiers (a few minutes)
 	$(PY) -m distillbench.classifier data=digits ship=true threads=1
 	$(PY) -m distillbench.classifier data=mnist ship=true threads=1
+
+gpu-check: $(STAMP) ## On one GPU (~8 min): SIM/SiD/DI update throughput and memory -> docs/gpu_check.{json,md}
+	$(PY) -m distillbench.gpu_check
 
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs .cache .pytest_cache .ruff_cache wandb
