@@ -3,6 +3,7 @@ pipeline), their data module, the two training stages, k + 1-step sampling and b
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from distillbench.config import CONFIG_DIR
-from distillbench.data.trajectories import TrajectoryDataModule
+from distillbench.data.trajectories import ShardStream, TrajectoryDataModule
 from distillbench.errors import ConfigError, MissingPackageError
 from distillbench.methods.direct import DirectDistillation, time_input
 from distillbench.nets.__main__ import parameter_count, preset_names
@@ -273,6 +274,28 @@ def test_the_data_module_serves_pairs_and_the_real_data_of_like(shards):
     assert data.arrays("train")[0].shape == make_digits().arrays("train")[0].shape
     batch = next(iter(data.train_dataloader()))
     assert [tuple(t.shape) for t in batch] == [(4, 1, 8, 8), (4,), (4,), (4, 1, 8, 8), (4,)]
+
+
+def test_streaming_reads_every_training_pair_once_a_pass_and_splits_shards_over_ranks(shards):
+    data = TrajectoryDataModule(shards, streaming=True, seed=3)
+    stored = data.pairs("train")
+    every = sorted(float(stored[i][0].sum() + 10 * stored[i][1]) for i in range(len(stored)))
+
+    def first(stream, n):
+        return [float(state.sum() + 10 * sigma) for state, sigma, *_ in itertools.islice(iter(stream), n)]
+
+    single = ShardStream(data, data.manifest["splits"]["train"], seed=3)
+    assert sorted(first(single, len(stored))) == every, "one pass: each pair once"
+    assert first(single, len(stored)) != first(ShardStream(data, data.manifest["splits"]["train"], 4), 24)
+    shares = [first(ShardStream(data, data.manifest["splits"]["train"], 3, rank, 2), len(stored) // 2)
+              for rank in (0, 1)]  # fmt: skip
+    assert sorted(shares[0] + shares[1]) == every, "two ranks: disjoint shards that cover the split"
+    with pytest.raises(
+        ConfigError, match=r"3 process\(es\) × 1 worker\(s\) needs at least 3 training shards"
+    ):
+        first(ShardStream(data, data.manifest["splits"]["train"], 3, 0, 3), 1)
+    batch = next(iter(data.train_dataloader()))
+    assert [tuple(t.shape) for t in batch] == [(64, 1, 8, 8), (64,), (64,), (64, 1, 8, 8), (64,)]
 
 
 def test_data_module_refuses_missing_empty_incomplete_or_misshapen_shards(tmp_path, shards):

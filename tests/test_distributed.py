@@ -72,15 +72,16 @@ def test_a_ddp_sim_run_matches_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_direct_distillation_trains_one_network_per_stage_under_ddp(tmp_path):
-    """Stage one leaves the refiner unused and stage two the student: no "unused parameters" failure."""
+    """Stage one leaves the refiner unused and stage two the student: no "unused parameters" failure (the
+    two ranks stream their own shards)."""
     run_cli("distillbench.trajectories", "teacher=digits", "steps=4", "indices=[2]", "n=16", "shard_size=8",
             f"out_dir={tmp_path / 'pairs'}", f"hydra.run.dir={tmp_path / 'make'}", cwd=tmp_path)  # fmt: skip
     proc = run_cli(
         "distillbench.train", "method=direct", "data=trajectories", f"data.root={tmp_path / 'pairs'}",
         "+data@data.like=digits", "teacher=digits", "metrics=digits", "method.steps=4", "method.k=2",
         "method.iterations=2", "method.refine_iterations=2", "distill.batch_size=8", "eval.n=32",
-        "eval.teacher=false", "logger=csv", "trainer=ddp_sim", f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        "eval.teacher=false", "logger=csv", "trainer=ddp_sim", "data.streaming=true",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )  # fmt: skip
     summary = json.loads((run_folder(proc) / "summary.json").read_text())
     assert [row["stage"] for row in summary["stages"]] == [0, 1] and summary["gen_steps"] == 4

@@ -7,16 +7,22 @@ indices gives J pairs.
 ``like`` (optional) is the data module the teacher was trained on: it supplies the real data, the name and
 the label frequencies that metrics and evaluation labels need (``data=trajectories +data@data.like=digits``).
 Without it, the real samples are the trajectories' final outputs.
+
+``streaming=true`` reads the training shards one at a time instead of all at once (Stable Diffusion latents:
+120k pairs of 4×64×64 states are about 8 GB): :class:`ShardStream` visits the shards in a seeded random order
+per pass, shuffles the pairs within each, and gives every (rank, worker) its own shards.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from distillbench.data.base import TensorDataModule
 from distillbench.errors import ConfigError
@@ -75,13 +81,54 @@ class PairDataset(Dataset):
                 self.labels[trajectory])  # fmt: skip
 
 
+def seeded(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+class ShardStream(IterableDataset):
+    """Endless pairs from shard files, one shard in memory at a time.
+
+    Pass e (0, 1, …) visits the shards in the order of a permutation seeded by (seed, e); shard i of it goes
+    to the consumer i mod C of the C = ranks × workers consumers, which yields its pairs in a seeded random
+    order. Each consumer needs a shard: C ≤ the number of shards.
+    """
+
+    def __init__(self, data: TrajectoryDataModule, shards: list[dict], seed: int, rank: int = 0,
+                 world: int = 1):  # fmt: skip
+        self.data, self.shards, self.seed, self.rank, self.world = data, shards, seed, rank, world
+
+    def consumer(self) -> tuple[int, int]:
+        """(this consumer's index, the number of consumers) over ranks and data loader workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        count = self.world * workers
+        if count > len(self.shards):
+            raise ConfigError(
+                f"data.streaming with {self.world} process(es) × {workers} worker(s) needs at least {count} "
+                f"training shards, {self.data.root} has {len(self.shards)}; lower data.num_workers or remake "
+                "the trajectories with a smaller shard_size"
+            )
+        return self.rank * workers + worker, count
+
+    def __iter__(self):
+        index, count = self.consumer()
+        for epoch in itertools.count():
+            order = torch.randperm(len(self.shards), generator=seeded(self.seed, epoch))
+            for position in order[index::count].tolist():
+                pairs = PairDataset(self.data.read_shard(self.shards[position]), self.data.indices,
+                                    self.data.manifest["sigmas"])  # fmt: skip
+                for i in torch.randperm(len(pairs), generator=seeded(self.seed, epoch, position)).tolist():
+                    yield pairs[i]
+
+
 class TrajectoryDataModule(TensorDataModule):
     """Pairs (x_k, σ_k, k, x_N, label) from the shards in ``root``; ``split`` is ``train`` or ``test``."""
 
     def __init__(self, root: str | Path, like: TensorDataModule | None = None, batch_size: int = 64,
-                 num_workers: int = 0, seed: int = 0):  # fmt: skip
+                 num_workers: int = 0, seed: int = 0, streaming: bool = False):  # fmt: skip
         super().__init__(batch_size, num_workers, seed)
         self.root = Path(root)
+        self.streaming = bool(streaming)
         self.like = like
         self.manifest = read_manifest(self.root)
         self._shards: dict[str, dict[str, torch.Tensor]] = {}
@@ -151,8 +198,12 @@ class TrajectoryDataModule(TensorDataModule):
         return shards["finals"], labels
 
     def train_dataloader(self) -> DataLoader:
-        pairs = self.pairs("train")
         batch = getattr(self, "batch_per_device", self.batch_size)
+        if self.streaming:
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            stream = ShardStream(self, self.manifest["splits"]["train"], self.seed, rank, world)
+            return DataLoader(stream, batch_size=batch, num_workers=self.num_workers, drop_last=True)
+        pairs = self.pairs("train")
         return DataLoader(
             pairs, batch_size=min(batch, len(pairs)), shuffle=True, drop_last=True,
             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
