@@ -23,7 +23,6 @@ Options (``key=value``): ``pkl`` and ``out`` (required), ``key`` (the pickle's e
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import pickle
 import sys
@@ -36,7 +35,7 @@ from distillbench.errors import ConfigError
 from distillbench.nets.songunet import SongUNet
 from distillbench.teachers.checkpoint import SPEC, WEIGHTS, count_parameters, load_teacher, save_teacher
 from distillbench.teachers.denoiser import EDMDenoiser
-from distillbench.utils.io import atomic_write_text
+from distillbench.utils.io import atomic_write_text, file_digest
 
 EDM_REPO = "https://github.com/NVlabs/edm"
 EDM_PACKAGES = ("torch_utils", "dnnlib", "training")
@@ -180,14 +179,6 @@ def max_difference(precond, teacher, sigmas=CHECK_SIGMAS, seed: int = 0) -> floa
     precond = precond.to("cpu").eval()
     reference = precond(x, sigma, onehot).to(torch.float32)
     return float((teacher(x, sigma, labels) - reference).abs().max())
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run(options: dict[str, str]) -> dict:

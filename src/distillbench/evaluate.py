@@ -300,6 +300,13 @@ def plot_fid_vs_nfe(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"FID vs NFE ({'; '.join(settings)})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write atomically as PNG, close."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_writer(path, binary=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -332,11 +339,7 @@ def plot_precision_recall(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set(xlabel="recall (diversity)", ylabel="precision (fidelity)")
     ax.set_title(f"precision vs recall ({'; '.join(settings)}); o teacher, * student", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_writer(path, binary=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 REPORT_FILES = ("results.csv", "results.md", "fid_vs_nfe.png", "precision_recall.png")

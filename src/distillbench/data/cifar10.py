@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import tarfile
 import urllib.request
@@ -13,6 +12,7 @@ import torch
 
 from distillbench.data.base import ConfigError, TensorDataModule
 from distillbench.errors import DataNotFoundError
+from distillbench.utils.io import file_digest
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -24,22 +24,14 @@ def has_batches(folder: Path) -> bool:
     return all((folder / name).is_file() for names in BATCHES.values() for name in names)
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_cifar10(cache_dir: Path) -> Path:
     """Fetch the tarball into ``cache_dir``, check its md5, extract it; return the batches folder."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     archive = cache_dir / URL.rsplit("/", 1)[-1]
-    if not archive.is_file() or md5sum(archive) != MD5:
+    if not archive.is_file() or file_digest(archive, "md5") != MD5:
         partial = archive.with_name(archive.name + ".part")
         urllib.request.urlretrieve(URL, partial)
-        if md5sum(partial) != MD5:
+        if file_digest(partial, "md5") != MD5:
             partial.unlink()
             raise OSError(f"{URL} downloaded with a wrong md5 (expected {MD5})")
         partial.replace(archive)
