@@ -315,10 +315,11 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def point_label(row) -> str:
-    """A teacher as ``heun-18``, a student as ``<method> (<nfe> NFE)``."""
+    """A teacher as ``heun-18``, a student as ``<run folder> (<nfe> NFE)``, a sweep job ``<method> #<n>``."""
     if row.model.startswith(TEACHER_PREFIX):
         return row.model.rsplit("/", 1)[-1]
-    return f"{row.method} ({row.nfe} NFE)"
+    name = Path(row.model).name
+    return f"{f'{row.method} #{name}' if name.isdigit() else name} ({row.nfe} NFE)"
 
 
 def plot_precision_recall(table: pd.DataFrame, path: str | Path) -> Path:
