@@ -39,6 +39,7 @@ from distillbench.utils.io import atomic_write_text, atomic_writer
 from distillbench.utils.runs import (
     hydra_choice,
     output_dir,
+    require_at_least_one,
     resolve_device,
     task,
     write_config,
@@ -73,12 +74,6 @@ class Subject:
 
 # ---------------------------------------------------------------------------------------------------------
 # What to evaluate
-
-
-def check_request(cfg: DictConfig) -> None:
-    for key in ("n", "batch_size", "grid_size"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
 
 
 def teacher_label(cfg: DictConfig) -> str:
@@ -125,7 +120,7 @@ def student_subject(cfg: DictConfig) -> Subject:
 
 def build(cfg: DictConfig) -> Subject:
     """Check the request and instantiate what it evaluates; every bad-input check happens here."""
-    check_request(cfg)
+    require_at_least_one(cfg, ("n", "batch_size", "grid_size"))
     return teacher_subject(cfg) if str(cfg.run) == "teacher" else student_subject(cfg)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import platform
 import time
 from datetime import datetime
@@ -29,8 +28,8 @@ from distillbench.errors import ConfigError
 from distillbench.methods import SIM, DiffInstruct, SiD
 from distillbench.teachers.checkpoint import count_parameters
 from distillbench.teachers.denoiser import EDMDenoiser
-from distillbench.utils.io import atomic_write_text
-from distillbench.utils.runs import task
+from distillbench.utils.io import atomic_write_json, atomic_write_text
+from distillbench.utils.runs import require_at_least_one, task
 
 METHODS = {"sim": SIM, "sid": SiD, "di": DiffInstruct}
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -70,9 +69,7 @@ def check_request(cfg: DictConfig) -> None:
     ]
     if unknown:
         raise ConfigError(f"unknown {unknown}: methods are {list(METHODS)}, precisions {list(PRECISIONS)}")
-    for key in ("batch_size", "warmup", "steps"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    require_at_least_one(cfg, ("batch_size", "warmup", "steps"))
 
 
 def build_method(cfg: DictConfig, name: str, compiled: bool):
@@ -150,10 +147,10 @@ def gpu_check(cfg: DictConfig) -> dict:
               "torch": torch.__version__, "network": cfg.net._target_.rsplit(".", 1)[-1],
               "parameters": parameters, **{k: cfg[k] for k in ("batch_size", "warmup", "steps")},
               "config": OmegaConf.to_container(cfg.net, resolve=True), "rows": run_cases(cfg)}  # fmt: skip
-    out = Path(cfg.out)
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown(result))
-    print(markdown(result) + f"\nwrote {out} and {out.with_suffix('.md')}")
+    out, table = Path(cfg.out), markdown(result)
+    atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), table)
+    print(table + f"\nwrote {out} and {out.with_suffix('.md')}")
     return result
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from distillbench.errors import ConfigError
 
-__all__ = ["ConfigError", "TensorDataModule", "per_device_batch"]
+__all__ = ["ConfigError", "TensorDataModule", "keyed_generator", "per_device_batch"]
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``key`` (a seed and stream numbers), e.g. (seed, pass, shard)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 def per_device_batch(global_batch: int, world_size: int, key: str = "data.batch_size") -> int:

@@ -7,17 +7,12 @@ yields batches filled with ``-1`` (:data:`UNCONDITIONAL`), so every step still s
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from distillbench.data.base import ConfigError, TensorDataModule, per_device_batch
+from distillbench.data.base import ConfigError, TensorDataModule, keyed_generator, per_device_batch
 
 UNCONDITIONAL = -1
-
-
-def stream_seed(seed: int) -> int:
-    return int(np.random.SeedSequence([seed]).generate_state(1)[0])
 
 
 class LabelStream(IterableDataset):
@@ -32,7 +27,7 @@ class LabelStream(IterableDataset):
         self.batch = batch
         self.rows = slice(rank * batch, (rank + 1) * batch)
         self.world = world
-        self.generator = torch.Generator().manual_seed(stream_seed(seed))
+        self.generator = keyed_generator(seed)
 
     def draw(self) -> torch.Tensor:
         if self.probs is None:

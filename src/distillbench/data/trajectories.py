@@ -19,12 +19,11 @@ import itertools
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from distillbench.data.base import TensorDataModule
+from distillbench.data.base import TensorDataModule, keyed_generator
 from distillbench.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -81,10 +80,6 @@ class PairDataset(Dataset):
                 self.labels[trajectory])  # fmt: skip
 
 
-def seeded(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-
-
 class ShardStream(IterableDataset):
     """Endless pairs from shard files, one shard in memory at a time.
 
@@ -113,11 +108,13 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         index, count = self.consumer()
         for epoch in itertools.count():
-            order = torch.randperm(len(self.shards), generator=seeded(self.seed, epoch))
+            order = torch.randperm(len(self.shards), generator=keyed_generator(self.seed, epoch))
             for position in order[index::count].tolist():
                 pairs = PairDataset(self.data.read_shard(self.shards[position]), self.data.indices,
                                     self.data.manifest["sigmas"])  # fmt: skip
-                for i in torch.randperm(len(pairs), generator=seeded(self.seed, epoch, position)).tolist():
+                for i in torch.randperm(
+                    len(pairs), generator=keyed_generator(self.seed, epoch, position)
+                ).tolist():
                     yield pairs[i]
 
 

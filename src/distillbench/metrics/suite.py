@@ -217,6 +217,7 @@ class MetricSuite:
         self.is_splits = int(is_splits)
         self.reference = None if reference is None else str(reference)
         self._memo: dict[str, RealStats] = {}
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None
         self._check()
 
     def _check(self) -> None:
@@ -284,12 +285,17 @@ class MetricSuite:
     def _fid(self, real: RealStats | None, feats: torch.Tensor) -> float:
         fid = FID(feature=_GivenFeatures(feats.shape[1]), sync_on_compute=False)
         if self.reference:
-            mu, sigma = load_reference(fetch_reference(self.reference, self.cache_dir), feats.shape[1])
-            fid.set_real_stats(mu, sigma, REFERENCE_COUNT)
+            fid.set_real_stats(*self.reference_stats(feats.shape[1]), REFERENCE_COUNT)
         else:
             fid.set_real_stats(real.mu, real.sigma, real.n)
         fid.update(feats, real=False)
         return float(fid.compute())
+
+    def reference_stats(self, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, Σ) of ``reference``, fetched and read at the first evaluation only."""
+        if self._reference is None:
+            self._reference = load_reference(fetch_reference(self.reference, self.cache_dir), num_features)
+        return self._reference
 
     def _inception_score(self, feats: torch.Tensor) -> float:
         logits = extract(self.extractor.head, feats, self.batch_size)

@@ -68,6 +68,13 @@ def task(fn):
     return wrapper
 
 
+def require_at_least_one(cfg: DictConfig, keys) -> None:
+    """A :class:`ConfigError` naming the first of ``keys`` whose setting is below 1."""
+    for key in keys:
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+
+
 def config_error_in(err: BaseException) -> ConfigError | None:
     """The :class:`ConfigError` behind ``err`` (Hydra wraps errors raised while instantiating), if any."""
     while err is not None:
