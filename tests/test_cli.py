@@ -80,7 +80,7 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
         ),
         ("sample", ["data=mnist", "data.limit=16", "teacher=digits"], "(1, 8, 8) but data 'mnist' has shape"),
         ("train", ["data=toy2d", "trainer=ddp_sim", "distill.batch_size=63"], "distill.batch_size=63"),
-        ("train", ["data=toy2d", "distill.sigma_init=0"], "method.sigma_init=0"),
+        ("train", ["data=toy2d", "distill.sigma_init=0"], "distill.sigma_init=0"),
         ("train", ["data=toy2d", "optim.lr=-1"], "optim.lr=-1"),
         ("train", ["data=toy2d", "method=sid", "method.alpha=5"], "method.alpha=5"),
         ("train", ["data=toy2d", "student=toy2d", "student.sample_shape=[3]"], "shape (3,)"),

@@ -78,7 +78,8 @@ def test_evaluation_noise_is_the_same_for_different_training_seeds(tmp_path):
     for seed in (0, 1):
         cfg = compose("train", ["data=digits", f"seed={seed}", "eval.n=300", "logger=csv",
                                 f"paths.output_dir={tmp_path / str(seed)}"])  # fmt: skip
-        _, _, method, _, _, evaluation, _ = build(cfg)
+        run = build(cfg)
+        method, evaluation = run.method, run.evaluation
         inputs.append(evaluation.fixed_inputs(method))
         train_noise.append(method.draw("gen"))
     (z0, y0), (z1, y1) = inputs

@@ -35,7 +35,7 @@ CIFAR_PER_BATCH = 4
 
 
 def fake_trainer(world_size: int, global_rank: int = 0):
-    return SimpleNamespace(world_size=world_size, global_rank=global_rank)
+    return SimpleNamespace(world_size=world_size, global_rank=global_rank, lightning_module=None)
 
 
 def check_images(x: torch.Tensor, shape: tuple[int, ...]):

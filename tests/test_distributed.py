@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,24 @@ def test_a_ddp_sim_run_matches_one_process_with_the_same_global_batch(tmp_path):
     assert (ddp / "train_rank1.log").is_file() and not (ddp / "train_rank1").exists()
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["gen_steps"] == 4 and summary["student"]["nfe"] == 1
+
+
+def test_a_ddp_sim_run_resumed_from_its_middle_checkpoint_ends_as_the_whole_run(tmp_path):
+    """Each rank restores its RNG states and data position; rank 0 cuts metrics.csv back to the checkpoint."""
+    settings = [*TINY, "trainer=ddp_sim", "distill.duration_kimg=0.128", "checkpoint.every_kimg=0.064"]
+    whole = run_folder(run_cli("distillbench.train", *settings, f"hydra.run.dir={tmp_path / 'whole'}",
+                               cwd=tmp_path))  # fmt: skip
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for name in ("step_0000008.ckpt", "step_0000008.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"):
+        (cut / "checkpoints" / name).unlink()
+    proc = run_cli("distillbench.train", *settings, f"resume={cut}", cwd=tmp_path)
+    assert "step_0000004.ckpt" in proc.stdout
+    a, b = state(whole), state(cut)
+    assert int(b["gen_steps"]) == 8
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (whole / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()
 
 
 def test_direct_distillation_trains_one_network_per_stage_under_ddp(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -56,13 +57,31 @@ def launch_id(default: str) -> str:
     return default
 
 
+def resumed(resume) -> bool:
+    return resume not in (False, None, "false", "False")
+
+
+def resume_dir(resume, default: str) -> str:
+    """The job folder: the run folder that ``resume=<folder>`` names, else ``default``."""
+    return default if isinstance(resume, bool) or not resumed(resume) or resume == "true" else str(resume)
+
+
+def hydra_subdir(resume) -> str:
+    """Where Hydra keeps a job's composed config: ``.hydra``, or a new ``.hydra/resume-<time>`` on resume (the
+    run's original record stays)."""
+    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}" if resumed(resume) else ".hydra"
+
+
 def register_resolvers() -> None:
-    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B; ``launch_id``."""
+    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B; ``launch_id``;
+    ``resume_dir`` and ``hydra_subdir`` for ``resume``."""
     resolvers = {
         "distillbench.assets": lambda: str(ASSETS_DIR),
         "distillbench.run_group": run_group,
         "distillbench.run_name": run_name,
         "distillbench.launch_id": launch_id,
+        "distillbench.resume_dir": resume_dir,
+        "distillbench.hydra_subdir": hydra_subdir,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

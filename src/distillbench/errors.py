@@ -15,3 +15,7 @@ class DataNotFoundError(ConfigError, FileNotFoundError):
 
 class MissingPackageError(ConfigError, ModuleNotFoundError):
     """An optional package that the chosen config needs."""
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (e.g. persistent non-finite values); its last good checkpoint is kept."""

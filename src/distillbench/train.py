@@ -2,8 +2,9 @@
 
 Writes the output contract into its run folder: ``config.yaml``, ``metrics.csv`` (losses and the periodic
 evaluation of the EMA generator against kimg), ``student.png`` beside ``teacher.png`` (same noise and
-labels), ``curves.png``, ``checkpoints/last.ckpt``, ``samples.npz`` and ``summary.json``, then prints a table
-of teacher versus one-step student.
+labels), ``curves.png``, ``checkpoints/step_<generator step>.ckpt`` with ``checkpoints/last.ckpt``,
+``samples.npz`` and ``summary.json``, then prints a table of teacher versus one-step student.
+``resume=<run folder>`` continues a killed (or finished) run there (:mod:`distillbench.resume`).
 """
 
 from __future__ import annotations
@@ -12,34 +13,65 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distillbench.callbacks import KimgBudget, PeriodicEvaluation, StageEvaluation
-from distillbench.config import CONFIG_DIR
+from distillbench.callbacks import (
+    KimgBudget,
+    NonFiniteGuard,
+    PeriodicEvaluation,
+    RunCheckpoints,
+    StageEvaluation,
+)
+from distillbench.config import CONFIG_DIR, resumed
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
 from distillbench.data.trajectories import check_held_out
 from distillbench.distributed import is_rank_zero, slurm_plugins
+from distillbench.resume import check_same_run, checkpoint_to_resume, restore_run_files, resumed_config
 from distillbench.samplers.generate import generate
+from distillbench.utils.checkpoints import AtomicCheckpointIO
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
 from distillbench.utils.logging import instantiate_loggers
 from distillbench.utils.plots import plot_curves
 from distillbench.utils.runs import output_dir, task, write_config, write_summary
 from distillbench.utils.tables import print_comparison
+from distillbench.validation import check_teacher_fits, check_writable, validate_train_config
 
 
-def build(cfg: DictConfig):
+def run_facts(cfg: DictConfig, teacher) -> dict:
+    """What a resumed run must share with its checkpoints: the teacher (by reference: its class and training
+    record, not its path, so a moved checkout still resumes) and the evaluation noise."""
+    reference = {"target": cfg.teacher._target_, "info": getattr(teacher, "info", {})}
+    return {"teacher": reference, "eval.noise_seed": int(cfg.eval.noise_seed)}
+
+
+class Run(NamedTuple):
+    datamodule: object
+    teacher: object
+    method: object
+    train_data: object
+    metrics: object
+    evaluation: PeriodicEvaluation
+    trainer: object
+    ckpt_path: str | None  # the checkpoint a resumed run continues from
+
+
+def build(cfg: DictConfig) -> Run:
     """Instantiate everything, so that every bad-input check runs before any work."""
+    validate_train_config(cfg)
+    check_writable(output_dir(cfg))
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.arrays("train")  # missing data or packages fail here, first
     if hasattr(datamodule, "manifest"):  # direct distillation's trajectory pairs
         check_held_out(datamodule.manifest, datamodule.root, cfg.eval.noise_seed)
     teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
+    check_teacher_fits(teacher, datamodule)
     student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
     if getattr(method, "trains_on_real_data", False):  # progressive/guided distillation
@@ -54,13 +86,30 @@ def build(cfg: DictConfig):
         callbacks = [evaluation, StageEvaluation(evaluation)]
     else:
         callbacks = [evaluation, KimgBudget(cfg.distill.duration_kimg)]
+    ckpt_path = resume_point(cfg, teacher)  # before the loggers: it may restore the W&B run id
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    checkpoints = RunCheckpoints(output_dir(cfg) / "checkpoints", cfg.checkpoint.every_kimg,
+                                 cfg.checkpoint.keep, run_facts(cfg, teacher), guard)  # fmt: skip
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks,
+        cfg.trainer, callbacks=[*callbacks, guard, checkpoints],
         logger=instantiate_loggers(cfg.get("logger"), output_dir(cfg)), max_steps=-1, max_epochs=-1,
-        plugins=slurm_plugins() or None,
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )  # fmt: skip
     per_device_batch(cfg.distill.batch_size, trainer.world_size, key="distill.batch_size")
-    return datamodule, teacher, method, train_data, metrics, evaluation, trainer
+    return Run(datamodule, teacher, method, train_data, metrics, evaluation, trainer, ckpt_path)
+
+
+def resume_point(cfg: DictConfig, teacher) -> str | None:
+    """On resume: the checkpoint to continue from, after checking it belongs to this run and cutting the
+    run's files back to it; else None."""
+    if not resumed(cfg.resume):
+        return None
+    path, checkpoint = checkpoint_to_resume(cfg)
+    check_same_run(checkpoint, run_facts(cfg, teacher))
+    if is_rank_zero():
+        restore_run_files(output_dir(cfg), checkpoint)
+    print(f"resuming from {path} (generator step {int(checkpoint['state_dict']['gen_steps'])})")
+    return str(path)
 
 
 def throughput(fn, n: int) -> float:
@@ -98,12 +147,12 @@ def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, t
 
 
 def train(cfg: DictConfig) -> dict:
-    datamodule, teacher, method, train_data, metrics, evaluation, trainer = build(cfg)
-    if is_rank_zero():
+    cfg = resumed_config(cfg) if resumed(cfg.resume) else cfg
+    datamodule, teacher, method, train_data, metrics, evaluation, trainer, ckpt_path = build(cfg)
+    if is_rank_zero():  # on resume: the saved config with the settings changed for the rest of the run
         write_config(cfg)
     out = output_dir(cfg)
-    trainer.fit(method, datamodule=train_data)
-    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")  # every rank: a collective under DDP
+    trainer.fit(method, datamodule=train_data, ckpt_path=ckpt_path)
     if trainer.global_rank != 0:  # ranks started by Lightning's popen launcher or torchrun end here
         return {}
 

@@ -13,6 +13,12 @@ class KimgBudget(L.Callback):
             raise ConfigError(f"duration_kimg={duration_kimg} must be > 0")
         self.duration_kimg = float(duration_kimg)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def stop_when_spent(self, trainer, pl_module) -> None:
         if pl_module.kimg >= self.duration_kimg:
             trainer.should_stop = True
+
+    def on_train_start(self, trainer, pl_module):  # a resumed run that had already finished
+        self.stop_when_spent(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.stop_when_spent(trainer, pl_module)

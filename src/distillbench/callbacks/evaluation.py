@@ -13,6 +13,7 @@ import lightning as L
 import pandas as pd
 import torch
 
+from distillbench.errors import ConfigError
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
 from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER
 from distillbench.utils.images import save_samples_figure
@@ -95,11 +96,14 @@ class PeriodicEvaluation(L.Callback):
             logger.log_metrics(scalars | axes, step=row["gen_step"])
         if self.run_dir is None:
             return
-        with atomic_writer(self.run_dir / EVAL_FILE) as tmp:
-            pd.DataFrame(self.history).to_csv(tmp, index=False)
+        self.write_table()
         picture = save_samples_figure(grid, self.run_dir / "grids" / f"step_{row['gen_step']:07d}.png",
                                       title=f"kimg {row['kimg']:.2f}")  # fmt: skip
         log_grid(trainer, picture, axes)
+
+    def write_table(self) -> None:
+        with atomic_writer(self.run_dir / EVAL_FILE) as tmp:
+            pd.DataFrame(self.history).to_csv(tmp, index=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.kimg >= self.next_kimg:
@@ -114,10 +118,23 @@ class PeriodicEvaluation(L.Callback):
         if not self.history:
             self.evaluate(trainer, pl_module)
             self.next_kimg = self.every_kimg
+        elif self.run_dir is not None and trainer.is_global_zero:  # resumed: drop rows past the checkpoint
+            self.write_table()
 
     def on_train_end(self, trainer, pl_module):
         if not self.history or self.history[-1]["gen_step"] != int(pl_module.gen_steps):
             self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "next_kimg": self.next_kimg, "noise_seed": self.noise_seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["noise_seed"]) != self.noise_seed:
+            raise ConfigError(
+                f"eval.noise_seed={self.noise_seed} but the checkpoint's evaluations used "
+                f"{state['noise_seed']}; a resumed run keeps its evaluation noise"
+            )
+        self.history, self.next_kimg = list(state["history"]), float(state["next_kimg"])
 
 
 def gather_shards(trainer, local: torch.Tensor, n: int) -> torch.Tensor:

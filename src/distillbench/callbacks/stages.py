@@ -31,6 +31,12 @@ class StageEvaluation(L.Callback):
             if trainer.is_global_zero:
                 self.send_to_loggers(trainer, row)
 
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+
     @staticmethod
     def send_to_loggers(trainer, row: dict) -> None:
         scalars = {f"stage/{k}": v for k, v in row.items() if k not in ("kimg", "gen_step")}

@@ -6,11 +6,19 @@ yields batches filled with ``-1`` (:data:`UNCONDITIONAL`), so every step still s
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from distillbench.data.base import ConfigError, TensorDataModule, keyed_generator, per_device_batch
+from distillbench.data.base import (
+    ConfigError,
+    DataPosition,
+    TensorDataModule,
+    keyed_generator,
+    per_device_batch,
+)
 
 UNCONDITIONAL = -1
 
@@ -19,25 +27,30 @@ class LabelStream(IterableDataset):
     """Endless batches of ``batch`` labels drawn from ``probs``; all ``-1`` when ``probs`` is None.
 
     Every rank draws the global batch (``world`` × ``batch``) from the same stream and keeps its own rows, so
-    ranks differ and together see the labels a single process with the global batch sees.
+    ranks differ and together see the labels a single process with the global batch sees. Batch b is drawn
+    from a stream keyed by (seed, b), so a run resumed at batch ``start`` draws what it would have drawn.
     """
 
-    def __init__(self, probs: torch.Tensor | None, batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, probs: torch.Tensor | None, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0):  # fmt: skip
         self.probs = probs
         self.batch = batch
         self.rows = slice(rank * batch, (rank + 1) * batch)
         self.world = world
-        self.generator = keyed_generator(seed)
+        self.seed, self.start = seed, start
 
-    def draw(self) -> torch.Tensor:
+    def draw(self, b: int) -> torch.Tensor:
         if self.probs is None:
             return torch.full((self.batch,), UNCONDITIONAL, dtype=torch.long)
         size = self.world * self.batch
-        return torch.multinomial(self.probs, size, replacement=True, generator=self.generator)[self.rows]
+        labels = torch.multinomial(
+            self.probs, size, replacement=True, generator=keyed_generator(self.seed, b)
+        )
+        return labels[self.rows]
 
     def __iter__(self):
-        while True:
-            yield self.draw()
+        for b in itertools.count(self.start):
+            yield self.draw(b)
 
 
 def normalise(label_probs) -> torch.Tensor:
@@ -49,7 +62,7 @@ def normalise(label_probs) -> torch.Tensor:
     return probs / probs.sum()
 
 
-class NoiseDataModule(L.LightningDataModule):
+class NoiseDataModule(DataPosition, L.LightningDataModule):
     """Label batches for data-free distillation.
 
     Labels follow ``label_probs`` when given, else ``like``'s training label frequencies, else a uniform law
@@ -127,5 +140,5 @@ class NoiseDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batch = getattr(self, "batch_per_device", self.batch_size)
-        stream = LabelStream(self.label_distribution, batch, self.seed, self.rank, self.world)
+        stream = LabelStream(self.label_distribution, batch, self.seed, self.rank, self.world, self.position)
         return DataLoader(stream, batch_size=None)

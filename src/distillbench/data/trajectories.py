@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from distillbench.data.base import TensorDataModule, keyed_generator
+from distillbench.data.base import TensorDataModule, keyed_generator, split_among_workers
 from distillbench.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -85,12 +85,14 @@ class ShardStream(IterableDataset):
 
     Pass e (0, 1, …) visits the shards in the order of a permutation seeded by (seed, e); shard i of it goes
     to the consumer i mod C of the C = ranks × workers consumers, which yields its pairs in a seeded random
-    order. Each consumer needs a shard: C ≤ the number of shards.
+    order. Each consumer needs a shard: C ≤ the number of shards. A resumed run passes the batches already
+    taken (``start``, per rank) and each consumer skips its share of them.
     """
 
     def __init__(self, data: TrajectoryDataModule, shards: list[dict], seed: int, rank: int = 0,
-                 world: int = 1):  # fmt: skip
+                 world: int = 1, batch: int = 1, start: int = 0):  # fmt: skip
         self.data, self.shards, self.seed, self.rank, self.world = data, shards, seed, rank, world
+        self.batch, self.start = batch, start
 
     def consumer(self) -> tuple[int, int]:
         """(this consumer's index, the number of consumers) over ranks and data loader workers."""
@@ -106,6 +108,10 @@ class ShardStream(IterableDataset):
         return self.rank * workers + worker, count
 
     def __iter__(self):
+        taken = len(split_among_workers(range(self.start)))  # batches this worker made before the resume
+        return itertools.islice(self.pairs(), taken * self.batch, None)
+
+    def pairs(self):
         index, count = self.consumer()
         for epoch in itertools.count():
             order = torch.randperm(len(self.shards), generator=keyed_generator(self.seed, epoch))
@@ -195,13 +201,9 @@ class TrajectoryDataModule(TensorDataModule):
         return shards["finals"], labels
 
     def train_dataloader(self) -> DataLoader:
+        if not self.streaming:
+            return self.batches(self.pairs("train"))
         batch = getattr(self, "batch_per_device", self.batch_size)
-        if self.streaming:
-            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-            stream = ShardStream(self, self.manifest["splits"]["train"], self.seed, rank, world)
-            return DataLoader(stream, batch_size=batch, num_workers=self.num_workers, drop_last=True)
-        pairs = self.pairs("train")
-        return DataLoader(
-            pairs, batch_size=min(batch, len(pairs)), shuffle=True, drop_last=True,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-        )  # fmt: skip
+        stream = ShardStream(self, self.manifest["splits"]["train"], self.seed, *self.rank_and_world(), batch,
+                             self.position)  # fmt: skip
+        return DataLoader(stream, batch_size=batch, num_workers=self.num_workers, drop_last=True)

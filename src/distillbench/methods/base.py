@@ -90,7 +90,7 @@ class DistillationMethod(L.LightningModule):
         self.num_classes = int(getattr(teacher, "num_classes", 0))
         self.seed = int(seed)
         self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
-        for name in ("gen_steps", "dropped_samples", "nonfinite_grads"):
+        for name in ("gen_steps", "batches_trained", "dropped_samples", "nonfinite_grads"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self._ddp: dict[str, torch.nn.Module] = {}  # a plain dict: the DDP wrappers stay out of the tree
 
@@ -104,6 +104,9 @@ class DistillationMethod(L.LightningModule):
     @property
     def kimg(self) -> float:
         return float(self.nimg) / 1000
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.batches_trained += 1  # where the data resumes (DataPosition)
 
     def attach_ddp(self, wrapped: dict[str, torch.nn.Module]) -> None:
         """Use these DDP wrappers (by network name) for :meth:`synced`; ``{}`` detaches them."""
@@ -219,6 +222,12 @@ class StagedDistillation(DistillationMethod):
 
     def start_next_stage(self) -> None:
         """What changes between stages (nothing here)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["finished_stages"] = self.finished_stages
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.finished_stages = list(checkpoint.get("finished_stages", []))
 
 
 class ScoreDistillation(DistillationMethod):

@@ -1,7 +1,9 @@
-"""Loggers from config: CSV always; W&B offline without an API key, its run id kept with the checkpoints."""
+"""Loggers from config: CSV always (appending on resume); W&B offline without an API key, its run id kept
+with the checkpoints."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import netrc
 import os
@@ -9,13 +11,66 @@ import secrets
 from pathlib import Path
 
 import hydra
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
 from distillbench.distributed import is_rank_zero
 from distillbench.errors import MissingPackageError
-from distillbench.utils.io import atomic_write_text
+from distillbench.utils.io import atomic_write_text, atomic_writer
 
 WANDB_ID_FILE = "checkpoints/wandb_id.txt"
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is kept and appended to (Lightning's
+    deletes it), its header read as the known columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``metrics.csv`` that a resumed run continues (``train`` first cuts it back to its checkpoint)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def csv_files(loggers) -> list[Path]:
+    """The ``metrics.csv`` of every CSV logger, after writing out what they hold."""
+    files = []
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save()
+            files.append(Path(logger.experiment.metrics_file_path))
+    return files
+
+
+def count_rows(path: Path) -> int:
+    """Data rows of a CSV file (0 when it does not exist)."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
+
+
+def truncate_rows(path: Path, rows: int) -> None:
+    """Keep the header and the first ``rows`` data rows of a CSV file (atomically)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        kept = list(csv.reader(f))[: rows + 1]
+    with atomic_writer(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
 
 
 def wandb_has_credentials() -> bool:

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distillbench.distributed import distributed_state_reset
-from distillbench.errors import ConfigError
+from distillbench.errors import ConfigError, TrainingStopped
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -42,7 +42,8 @@ def _remove_unfinished(folder: Path) -> None:
 
 
 def task(fn):
-    """Wrap a Hydra task: seed, threads, clean ``ConfigError`` exits, ``wandb.finish()``, folder print."""
+    """Wrap a Hydra task: seed, threads, clean exits (``ConfigError``: 2, ``TrainingStopped``: 3),
+    ``wandb.finish()``, folder print."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
@@ -53,6 +54,9 @@ def task(fn):
         try:
             with distributed_state_reset():  # the next job of a sweep starts without this one's ranks
                 return fn(cfg)
+        except TrainingStopped as err:  # on purpose, with the run folder and its checkpoints kept
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(3)
         except Exception as err:
             cause = config_error_in(err)
             if cause is None:
