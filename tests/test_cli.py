@@ -160,6 +160,8 @@ def test_main_job_writes_the_output_contract(tmp_path):
     assert "fid_clf@64" in summary["student"] and "is_clf@64" in summary["teacher"]
     evals = [line for line in (folder / "metrics.csv").read_text().splitlines()[1:] if line.split(",")[1]]
     assert len(evals) == 3, "evaluations at kimg 0, after 2 steps, and at the end"
+    train = pd.read_csv(folder / "metrics.csv").dropna(subset=["train/loss_gen"])
+    assert train["train/gen_step"].tolist() == [3.0], "train scalars on Lightning's log steps: here the last"
     assert "SIM on digits" in proc.stdout and "student" in proc.stdout
 
 

@@ -337,11 +337,11 @@ def test_each_stage_trains_its_own_net_and_stage_one_switches_l1_to_l2_at_five_s
     method = direct(digits_teacher, trajectories=shards)
     rows, before = [], {"net": params(method.net), "refiner": params(method.refiner)}
 
-    def record(metrics, **_):
+    def record(metrics):
         rows.append((int(metrics["train/stage"]), bool(metrics["train/l1"]), metrics["train/lr"]))
         rows[-1] += (float(metrics["train/loss"]),)
 
-    method.log_dict = record
+    method.log_train = record
     fit(method, TrajectoryDataModule(shards, batch_size=4))
     assert [(stage, l1) for stage, l1, _, _ in rows] == [(0, True)] * 5 + [(0, False)] + [(1, False)] * 2
     assert rows[0][2] == pytest.approx(1e-2) and rows[-1][2] < 1e-2, "cosine annealing within each stage"

@@ -180,7 +180,7 @@ def test_kimg_budgets_decay_the_learning_rate_linearly_within_each_stage():
     method = ProgressiveDistillation(analytic_teacher(), mlp_denoiser(), n_start=2, stage_kimg=[0.128, 0.064],
                                      lr=[1e-3, 4e-4])  # fmt: skip
     lrs = []
-    method.log_dict = lambda metrics, **_: lrs.append(metrics["train/lr"])
+    method.log_train = lambda metrics: lrs.append(metrics["train/lr"])
     fit(method, data=toy_data(batch_size=32))
     assert method.gen_steps == 6 and method.kimg == pytest.approx(0.192)
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor([1e-3, 7.5e-4, 5e-4, 2.5e-4, 4e-4, 2e-4]))

@@ -93,6 +93,7 @@ class DistillationMethod(L.LightningModule):
         for name in ("gen_steps", "batches_trained", "dropped_samples", "nonfinite_grads"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self._ddp: dict[str, torch.nn.Module] = {}  # a plain dict: the DDP wrappers stay out of the tree
+        self._train_metrics: dict = {}
 
     @property
     def teacher(self) -> Denoiser:
@@ -107,6 +108,9 @@ class DistillationMethod(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.batches_trained += 1  # where the data resumes (DataPosition)
+        if self._train_metrics and self.trainer._logger_connector.should_update_logs:
+            self.log_dict(self._train_metrics, prog_bar=True)
+        self._train_metrics = {}
 
     def attach_ddp(self, wrapped: dict[str, torch.nn.Module]) -> None:
         """Use these DDP wrappers (by network name) for :meth:`synced`; ``{}`` detaches them."""
@@ -115,6 +119,13 @@ class DistillationMethod(L.LightningModule):
     def synced(self, name: str) -> torch.nn.Module:
         """Network ``name`` as a gradient-reducing DDP wrapper under DDP, else the network itself."""
         return self._ddp.get(name) or getattr(self, name)
+
+    def log_train(self, metrics: dict) -> None:
+        """This step's ``train/*`` scalars for the progress bar and the loggers. They are handed to Lightning
+        at the batch's end, and only on the steps it writes logs (every ``trainer.log_every_n_steps``, and
+        the last, which the callbacks decide before then): each ``self.log`` costs ~0.6 ms on the CPU
+        (Lightning moves its result metric at every call), ~5 ms a step for eight scalars (``make bench``)."""
+        self._train_metrics = metrics
 
     def rank_and_world(self) -> tuple[int, int]:
         return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
@@ -154,13 +165,17 @@ class DistillationMethod(L.LightningModule):
         opt.step()
 
     def repair_gradients(self, params) -> None:
-        """Count non-finite gradient entries and replace them (NaN → 0, ±Inf → ±1e5)."""
-        for p in params:
-            if p.grad is not None:
-                bad = ~torch.isfinite(p.grad)
-                if bad.any():
-                    self.nonfinite_grads += bad.sum()
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        """Count non-finite gradient entries and replace them (NaN → 0, ±Inf → ±1e5).
+
+        One fused check (the gradients' norms, finite when every entry is) decides; the tensor-by-tensor
+        pass runs only when it fails (``make bench``: the per-tensor check alone cost ~6 ms a step)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            return
+        for grad in grads:
+            bad = ~torch.isfinite(grad)
+            self.nonfinite_grads += bad.sum()
+            torch.nan_to_num_(grad, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
 class StagedDistillation(DistillationMethod):
@@ -346,11 +361,10 @@ class ScoreDistillation(DistillationMethod):
         self.step_optimizer(opt_g, loss_g, self.generator.parameters(), self.hparams.loss_scaling_g)
         self.fake.requires_grad_(True)
         self.after_generator_step()
-        self.log_dict(
+        self.log_train(
             {"train/loss_fake": loss_f.detach(), "train/loss_gen": loss_g.detach(), "train/kimg": self.kimg,
              "train/gen_step": float(self.gen_steps), "train/dropped_samples": float(self.dropped_samples),
-             "train/nonfinite_grads": float(self.nonfinite_grads)},
-            prog_bar=True,
+             "train/nonfinite_grads": float(self.nonfinite_grads)}
         )  # fmt: skip
 
     def after_generator_step(self) -> None:

@@ -224,12 +224,11 @@ class DirectDistillation(StagedDistillation):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         self.step_optimizer(optimizers[self.current_stage], loss, self.trained_net.parameters(), lr=lr,
                             grad_clip=self.hparams.grad_clip)  # fmt: skip
-        self.log_dict(
+        self.log_train(
             {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
              "train/stage": float(self.current_stage), "train/l1": float(kind == "l1"), "train/lr": lr,
              "train/dropped_samples": float(self.dropped_samples),
-             "train/nonfinite_grads": float(self.nonfinite_grads)},
-            prog_bar=True,
+             "train/nonfinite_grads": float(self.nonfinite_grads)}
         )  # fmt: skip
         self.advance(x_k.shape[0] * self.trainer.world_size)
 

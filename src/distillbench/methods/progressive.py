@@ -215,12 +215,11 @@ class ProgressiveDistillation(StagedDistillation):
         lr = self.learning_rate()
         self.step_optimizer(self.optimizers(), loss, self.student.parameters(), lr=lr,
                             grad_clip=self.hparams.grad_clip)  # fmt: skip
-        self.log_dict(
+        self.log_train(
             {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
              "train/student_steps": float(self.steps), "train/lr": lr,
              "train/dropped_samples": float(self.dropped_samples),
-             "train/nonfinite_grads": float(self.nonfinite_grads)},
-            prog_bar=True,
+             "train/nonfinite_grads": float(self.nonfinite_grads)}
         )  # fmt: skip
         self.advance(x0.shape[0] * self.trainer.world_size)
 

@@ -1,0 +1,1 @@
+"""``make bench``: the framework's overhead, sampling speed-ups, memory and throughput (see run.py)."""
