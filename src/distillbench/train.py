@@ -34,6 +34,7 @@ from distillbench.data.trajectories import check_held_out
 from distillbench.distributed import is_rank_zero, slurm_plugins
 from distillbench.resume import check_same_run, checkpoint_to_resume, restore_run_files, resumed_config
 from distillbench.samplers.generate import generate
+from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.utils.checkpoints import AtomicCheckpointIO
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
@@ -41,7 +42,7 @@ from distillbench.utils.logging import instantiate_loggers
 from distillbench.utils.plots import plot_curves
 from distillbench.utils.runs import output_dir, task, write_config, write_summary
 from distillbench.utils.tables import print_comparison
-from distillbench.validation import check_teacher_fits, check_writable, validate_train_config
+from distillbench.validation import check_writable, validate_train_config
 
 
 def run_facts(cfg: DictConfig, teacher) -> dict:

@@ -1,5 +1,5 @@
-"""Config validation before any work: every setting's type and range, the batch over the processes, the
-output folder, and the teacher against the data.
+"""Config validation before any work: every setting's type and range, the batch over the processes and the
+output folder (the teacher against the data: :func:`distillbench.teachers.checkpoint.check_teacher_fits`).
 
 :func:`validate_train_config` walks a table of key → rule over the composed ``train`` config (keys that
 the config lacks are skipped), then the checks that tie keys together. The first bad value raises a
@@ -332,30 +332,6 @@ def check_writable(path: str | Path, key: str = "paths.output_dir") -> None:
             f"{key}={str(path)!r} must be a writable folder ({err.strerror or err}); pass "
             "hydra.run.dir=<a writable folder> (hydra.sweep.dir=... under -m)"
         ) from None
-
-
-def check_teacher_fits(teacher, datamodule, name: str | None = None) -> None:
-    """The teacher makes samples of the data's shape and, when both have classes, as many classes.
-
-    A class-conditional teacher on unlabelled data passes: it samples through its null label (as the
-    runtime check in :mod:`distillbench.teachers.checkpoint` allows).
-    """
-    info = getattr(teacher, "info", None) or {}
-    name = name or getattr(teacher, "name", None) or info.get("data") or type(teacher).__name__
-    fix = f"pick teacher={datamodule.name} or a teacher trained on this data"
-    shape, data_shape = tuple(teacher.sample_shape), tuple(datamodule.sample_shape)
-    if shape != data_shape:
-        raise ConfigError(
-            f"teacher {name!r} makes samples of shape {shape} but data '{datamodule.name}' has shape "
-            f"{data_shape}; {fix} (or matching data options, for example data.resolution)"
-        )
-    classes = int(getattr(teacher, "num_classes", 0))
-    data_classes = int(getattr(datamodule, "num_classes", 0))
-    if classes and data_classes and classes != data_classes:
-        raise ConfigError(
-            f"teacher {name!r} has num_classes={classes} but data '{datamodule.name}' has "
-            f"num_classes={data_classes}; {fix}"
-        )
 
 
 class ValidateOnStart(Callback):

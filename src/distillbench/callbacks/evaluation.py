@@ -13,7 +13,6 @@ import lightning as L
 import pandas as pd
 import torch
 
-from distillbench.errors import ConfigError
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
 from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER
 from distillbench.utils.images import save_samples_figure
@@ -125,15 +124,10 @@ class PeriodicEvaluation(L.Callback):
         if not self.history or self.history[-1]["gen_step"] != int(pl_module.gen_steps):
             self.evaluate(trainer, pl_module)
 
-    def state_dict(self) -> dict:
-        return {"history": self.history, "next_kimg": self.next_kimg, "noise_seed": self.noise_seed}
+    def state_dict(self) -> dict:  # the evaluation noise is checked on resume (distillbench.resume)
+        return {"history": self.history, "next_kimg": self.next_kimg}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["noise_seed"]) != self.noise_seed:
-            raise ConfigError(
-                f"eval.noise_seed={self.noise_seed} but the checkpoint's evaluations used "
-                f"{state['noise_seed']}; a resumed run keeps its evaluation noise"
-            )
         self.history, self.next_kimg = list(state["history"]), float(state["next_kimg"])
 
 

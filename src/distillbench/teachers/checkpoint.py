@@ -46,20 +46,28 @@ def load_teacher(path: str | Path, datamodule=None) -> Denoiser:
     return freeze(denoiser)
 
 
-def check_teacher_fits(denoiser: Denoiser, datamodule, name: str = "teacher") -> None:
-    """Raise a :class:`ConfigError` naming both shapes when the teacher does not fit the data."""
-    data_shape = tuple(datamodule.sample_shape)
-    if tuple(denoiser.sample_shape) != data_shape:
+def check_teacher_fits(denoiser: Denoiser, datamodule, name: str | None = None) -> None:
+    """Raise a :class:`ConfigError` naming both sides when the teacher makes samples of another shape than
+    the data, or when both have classes and their numbers differ.
+
+    A class-conditional teacher on unlabelled data passes: it samples through its null label. ``name``
+    defaults to the teacher's ``name``, the data of its training record, or its class.
+    """
+    info = getattr(denoiser, "info", None) or {}
+    name = name or getattr(denoiser, "name", None) or info.get("data") or type(denoiser).__name__
+    fix = f"pick teacher={datamodule.name} or a teacher trained on this data"
+    shape, data_shape = tuple(denoiser.sample_shape), tuple(datamodule.sample_shape)
+    if shape != data_shape:
         raise ConfigError(
-            f"teacher {name} makes samples of shape {tuple(denoiser.sample_shape)} but data "
-            f"'{datamodule.name}' has shape {data_shape}; pick a teacher trained on this data "
-            f"(teacher=<name>) or matching data options (for example data.resolution)"
+            f"teacher {name!r} makes samples of shape {shape} but data '{datamodule.name}' has shape "
+            f"{data_shape}; {fix} (or matching data options, for example data.resolution)"
         )
-    teacher_classes = getattr(denoiser, "num_classes", 0)
-    if teacher_classes and datamodule.num_classes and teacher_classes != datamodule.num_classes:
+    classes = int(getattr(denoiser, "num_classes", 0))
+    data_classes = int(getattr(datamodule, "num_classes", 0))
+    if classes and data_classes and classes != data_classes:
         raise ConfigError(
-            f"teacher {name} has {teacher_classes} classes but data '{datamodule.name}' has "
-            f"{datamodule.num_classes}"
+            f"teacher {name!r} has num_classes={classes} but data '{datamodule.name}' has "
+            f"num_classes={data_classes}; {fix}"
         )
 
 
