@@ -4,14 +4,14 @@ For each method (SIM, SiD, DI), precision (``32-true``, ``bf16-mixed``) and ``to
 trains ``warmup + steps`` generator updates through the real Lightning path (one ψ-update and one θ-update
 each) on EDM's DDPM++ with random weights, and records images per second over the timed updates and the
 peak GPU memory. A case that fails is recorded with its error and the check goes on; once ``budget_s`` has
-passed the remaining cases are recorded as skipped. Results: ``out`` (JSON, with the device's name) and the
-same name with ``.md`` (a table for docs/performance.md).
+passed the remaining cases are recorded as skipped (uncompiled cases run first). Results, rewritten after
+every case: ``out`` (JSON, with the device's name) and the same name with ``.md`` (a table for
+docs/performance.md).
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import platform
 import time
 from datetime import datetime
@@ -33,6 +33,7 @@ from distillbench.utils.runs import require_at_least_one, task
 
 METHODS = {"sim": SIM, "sid": SiD, "di": DiffInstruct}
 PRECISIONS = ("32-true", "bf16-mixed")
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision; "high" = TF32
 COLUMNS = (
     "method",
     "precision",
@@ -69,6 +70,8 @@ def check_request(cfg: DictConfig) -> None:
     ]
     if unknown:
         raise ConfigError(f"unknown {unknown}: methods are {list(METHODS)}, precisions {list(PRECISIONS)}")
+    if cfg.matmul_precision not in MATMUL_PRECISIONS:
+        raise ConfigError(f"matmul_precision={cfg.matmul_precision} must be one of {list(MATMUL_PRECISIONS)}")
     require_at_least_one(cfg, ("batch_size", "warmup", "steps"))
 
 
@@ -100,22 +103,30 @@ def measure(cfg: DictConfig, name: str, precision: str, compiled: bool) -> dict:
             "status": "ok"}  # fmt: skip
 
 
-def run_cases(cfg: DictConfig) -> list[dict]:
+def cases(cfg: DictConfig) -> list[tuple[str, str, bool]]:
+    """(method, precision, compile), the uncompiled ones first so that ``budget_s`` cuts the slow ones."""
+    return [(name, precision, compiled) for compiled in sorted(map(bool, cfg.compile))
+            for name in cfg.methods for precision in cfg.precisions]  # fmt: skip
+
+
+def run_cases(cfg: DictConfig, record) -> list[dict]:
+    """Measures every case, handing the rows so far to ``record`` after each one."""
     start, rows = time.perf_counter(), []
-    for name, precision, compiled in itertools.product(cfg.methods, cfg.precisions, cfg.compile):
-        row = {"method": name, "precision": precision, "compile": bool(compiled)}
+    for name, precision, compiled in cases(cfg):
+        row = {"method": name, "precision": precision, "compile": compiled}
         if time.perf_counter() - start > cfg.budget_s:
-            rows.append(row | {"status": f"skipped: past budget_s={cfg.budget_s}"})
-            continue
-        try:
-            row |= measure(cfg, name, precision, bool(compiled))
-        except Exception as err:  # a check reports a failing case and goes on
-            row |= {"status": f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            row["status"] = f"skipped: past budget_s={cfg.budget_s}"
+        else:
+            try:
+                row |= measure(cfg, name, precision, compiled)
+            except Exception as err:  # a check reports a failing case and goes on
+                row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            print(row, flush=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         rows.append(row)
-        print(row, flush=True)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        record(rows)
     return rows
 
 
@@ -133,7 +144,8 @@ def markdown(result: dict) -> str:
 
     lines = [f"GPU check on {result['device']} ({result['time']}, torch {result['torch']}): "
              f"{result['network']} ({result['parameters']:,} parameters), batch {result['batch_size']}, "
-             f"{result['steps']} timed generator updates after {result['warmup']}.", "",
+             f"{result['steps']} timed generator updates after {result['warmup']}, "
+             f"fp32 matmul precision {result['matmul_precision']}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
     lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in result["rows"]]
     return "\n".join(lines) + "\n"
@@ -141,16 +153,23 @@ def markdown(result: dict) -> str:
 
 def gpu_check(cfg: DictConfig) -> dict:
     check_request(cfg)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     with torch.device("meta"):
         parameters = count_parameters(hydra.utils.instantiate(cfg.net))
     result = {"device": device_name(), "time": datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "network": cfg.net._target_.rsplit(".", 1)[-1],
-              "parameters": parameters, **{k: cfg[k] for k in ("batch_size", "warmup", "steps")},
-              "config": OmegaConf.to_container(cfg.net, resolve=True), "rows": run_cases(cfg)}  # fmt: skip
-    out, table = Path(cfg.out), markdown(result)
-    atomic_write_json(out, result)
-    atomic_write_text(out.with_suffix(".md"), table)
-    print(table + f"\nwrote {out} and {out.with_suffix('.md')}")
+              "parameters": parameters,
+              **{k: cfg[k] for k in ("batch_size", "warmup", "steps", "matmul_precision")},
+              "config": OmegaConf.to_container(cfg.net, resolve=True), "rows": []}  # fmt: skip
+    out = Path(cfg.out)
+
+    def record(rows: list[dict]) -> None:  # after every case, so a killed check keeps what it measured
+        result["rows"] = rows
+        atomic_write_json(out, result)
+        atomic_write_text(out.with_suffix(".md"), markdown(result))
+
+    run_cases(cfg, record)
+    print(markdown(result) + f"\nwrote {out} and {out.with_suffix('.md')}")
     return result
 
 
