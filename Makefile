@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HYDRA_FULL_ERROR ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: help install run test test-slow bench lint format install-inception teachers classifiers gpu-check clean
+.PHONY: help install run test test-slow bench leaderboard lint format install-inception teachers classifiers gpu-check clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test-slow: $(STAMP) ## Run the slow convergence tests
 
 bench: install-inception ## Benchmarks (~15 min): overhead, sampling, memory, throughput -> benchmarks/RESULTS.md
 	$(PY) -m benchmarks.run
+
+leaderboard: $(STAMP) ## Every method under one budget on digits (~36 min): outputs/leaderboard/digits, README table
+	$(PY) -m distillbench.leaderboard suite=digits readme=README.md
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -26,6 +26,7 @@ def test_the_bare_loop_computes_the_framework_loss_on_the_same_inputs(folder, na
     step()  # and its step runs on a fresh batch
 
 
+@pytest.mark.slow  # ~1 min: the whole bench at its smallest; `make bench` runs it for real
 def test_a_short_bench_writes_its_results_and_table(folder):
     out = folder / "out"
     args = ["--repeats", "1", "--warmup", "1", "--steps", "1", "--methods", "di", "--sample-batch", "16",

@@ -354,6 +354,18 @@ def test_each_stage_trains_its_own_net_and_stage_one_switches_l1_to_l2_at_five_s
     )
 
 
+def test_compute_is_counted_from_each_stage_s_passes_scaled_by_network_size(shards, digits_teacher):
+    from tests.test_budget import SampleCounter
+
+    method = direct(digits_teacher, trajectories=shards)
+    counters = [SampleCounter(m) for m in (method.net, method.refiner)]
+    fit(method, TrajectoryDataModule(shards, batch_size=4))
+    # stage one: 6 steps of 4 pairs train S_θ; stage two: 2 steps run S_θ and train R_φ
+    assert [(c.forward, c.backward) for c in counters] == [(24 + 8, 24), (8, 8)]
+    assert float(method.tfe) == pytest.approx(sum(c.tfe(digits_teacher) for c in counters))
+    assert 0 < float(method.tfe) < 32 * 3, "a NAFNet far smaller than the teacher costs far less than it"
+
+
 def test_one_stage_two_step_lowers_the_refiner_loss_with_the_student_fixed(shards, digits_teacher):
     method = direct(digits_teacher, iterations=1, lr=1e-3)
     method.stage.fill_(1)
@@ -507,3 +519,9 @@ def test_other_settings_into_a_finished_folder_are_refused_and_the_cli_exits_2(t
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2 and "indices=[0] holds 0, outside [1, 19]" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_sampling_at_a_k_the_pairs_do_not_hold_is_allowed_with_a_warning(shards, digits_teacher):
+    expected = r"method.k=3 is not among the step indices \[1, 2\].*'indices=\[2,3,4\]'"
+    with pytest.warns(UserWarning, match=expected):
+        direct(digits_teacher, k=3, trajectories=shards)

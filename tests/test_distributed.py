@@ -85,7 +85,7 @@ def test_a_ddp_sim_run_resumed_from_its_middle_checkpoint_ends_as_the_whole_run(
     assert "step_0000004.ckpt" in proc.stdout
     a, b = state(whole), state(cut)
     assert int(b["gen_steps"]) == 8
-    for name in a:
+    for name in a.keys() - {"train_seconds"}:  # all but the wall time
         assert torch.equal(a[name], b[name]), name
     assert (whole / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()
 

@@ -24,12 +24,13 @@ def tiny_teacher() -> EDMDenoiser:
     return freeze(EDMDenoiser(net, sample_shape=(1, 8, 8), num_classes=10))
 
 
-def fit_one_step(method) -> L.Trainer:
+def fit_one_step(method, budget: KimgBudget | None = None) -> L.Trainer:
+    """Train until ``budget`` (default: one generator step)."""
     data = NoiseDataModule(like=DigitsDataModule(), batch_size=method.hparams.batch_size)
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[KimgBudget(method.hparams.batch_size / 1000)],
+        callbacks=[budget or KimgBudget(method.hparams.batch_size / 1000)],
     )  # fmt: skip
     trainer.fit(method, datamodule=data)
     return trainer

@@ -20,6 +20,9 @@ INVALID = [
     (["seed=-1"], "seed=-1", "[0, 4294967295]"),
     (["threads=0"], "threads=0", ">= 1, or null"),
     (["max_bad_steps=0"], "max_bad_steps=0", ">= 1"),
+    (["budget_tfe=0"], "budget_tfe=0", "> 0, or null"),
+    (["budget_tfe=1e5", "eval.curve_points=0"], "eval.curve_points=0", ">= 1, or null"),
+    (["eval.curve_points=4"], "eval.curve_points spreads evaluations over budget_tfe", "set budget_tfe"),
     (["resume=''"], "resume=''", "run folder path"),
     (["teacher_sampler.steps=0"], "teacher_sampler.steps=0", ">= 1"),
     (["schedule@teacher_sampler.schedule=improved", "teacher_sampler.schedule.p=0"], "schedule.p=0", "> 0"),
@@ -103,6 +106,7 @@ INVALID = [
 VALID = [
     [],
     ["method=sid"],
+    ["budget_tfe=65000", "eval.curve_points=4"],
     ["method=di"],
     ["method=progressive"],
     [

@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from matplotlib import pyplot as plt
 
 EVAL_FILE = "eval.csv"
+AXES = ("kimg", "gen_step", "tfe")  # an evaluation row's x-axes: generator kimg and steps, compute spent
 SEED_KEYS = ("seed",)
 HIGHER_IS_BETTER = {"is", "precision", "recall"}
 
@@ -93,7 +94,7 @@ def summary_table(frame: pd.DataFrame, metric: str = "fid", by=None) -> pd.DataF
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
     """The settings columns: everything but the job, the x-axes and the metrics (named ``kind_ext@n``)."""
-    return [c for c in frame.columns if c not in ("job", "kimg", "gen_step") and "@" not in c]
+    return [c for c in frame.columns if c not in ("job", *AXES) and "@" not in c]
 
 
 def swept_keys(frame: pd.DataFrame) -> list[str]:

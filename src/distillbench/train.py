@@ -18,7 +18,7 @@ from typing import NamedTuple
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distillbench.callbacks import (
     KimgBudget,
@@ -30,10 +30,12 @@ from distillbench.callbacks import (
 from distillbench.config import CONFIG_DIR, resumed
 from distillbench.data.base import per_device_batch
 from distillbench.data.noise import NoiseDataModule
-from distillbench.data.trajectories import check_held_out
+from distillbench.data.trajectories import check_held_out, teacher_forwards
 from distillbench.distributed import is_rank_zero, slurm_plugins
+from distillbench.errors import ConfigError
 from distillbench.resume import check_same_run, checkpoint_to_resume, restore_run_files, resumed_config
 from distillbench.samplers.generate import generate
+from distillbench.sweeps import AXES
 from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.utils.checkpoints import AtomicCheckpointIO
 from distillbench.utils.images import save_samples_figure
@@ -50,6 +52,23 @@ def run_facts(cfg: DictConfig, teacher) -> dict:
     record, not its path, so a moved checkout still resumes) and the evaluation noise."""
     reference = {"target": cfg.teacher._target_, "info": getattr(teacher, "info", {})}
     return {"teacher": reference, "eval.noise_seed": int(cfg.eval.noise_seed)}
+
+
+def plan_budget(cfg: DictConfig, method, datamodule) -> None:
+    """``budget_tfe``: what making the data cost (direct's trajectories) is spent first; the method's duration
+    is set to spend the rest, and ``eval.curve_points`` evaluations are spread over it."""
+    data_tfe = teacher_forwards(datamodule.manifest) if hasattr(datamodule, "manifest") else 0.0
+    if data_tfe >= cfg.budget_tfe:
+        raise ConfigError(
+            f"making the trajectories cost {data_tfe:.4g} teacher forwards, more than budget_tfe="
+            f"{cfg.budget_tfe}; raise budget_tfe or make fewer trajectories"
+        )
+    kimg = method.fit_budget(cfg.budget_tfe - data_tfe, cfg.distill.batch_size)
+    method.tfe.fill_(data_tfe)  # a resumed run's count comes from its checkpoint
+    with open_dict(cfg):
+        cfg.distill.duration_kimg = kimg
+        if cfg.eval.get("curve_points"):
+            cfg.eval.every_kimg = kimg / cfg.eval.curve_points
 
 
 class Run(NamedTuple):
@@ -75,6 +94,8 @@ def build(cfg: DictConfig) -> Run:
     check_teacher_fits(teacher, datamodule)
     student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
+    if cfg.get("budget_tfe") is not None:
+        plan_budget(cfg, method, datamodule)
     if getattr(method, "trains_on_real_data", False):  # progressive/guided distillation
         datamodule.batch_size = cfg.distill.batch_size
         train_data = datamodule
@@ -171,9 +192,10 @@ def train(cfg: DictConfig) -> dict:
     plot_curves(evaluation.history, out / "curves.png", title=f"{type(method).__name__} on {datamodule.name}")
 
     summary = {"method": type(method).__name__, "data": datamodule.name, "kimg": method.kimg,
-               "gen_steps": int(method.gen_steps), "dropped_samples": int(method.dropped_samples),
+               "gen_steps": int(method.gen_steps), "tfe": float(method.tfe),
+               "train_seconds": float(method.train_seconds), "dropped_samples": int(method.dropped_samples),
                "nonfinite_grads": int(method.nonfinite_grads),
-               "student": {k: v for k, v in student.items() if k not in ("kimg", "gen_step")}}  # fmt: skip
+               "student": {k: v for k, v in student.items() if k not in AXES}}  # fmt: skip
     stages = next((c.history for c in trainer.callbacks if isinstance(c, StageEvaluation)), None)
     if stages is not None:
         summary["stages"] = stages

@@ -128,6 +128,7 @@ SETTINGS: dict[str, Rule] = {
     "seed": integer(ge=0, le=2**32 - 1),
     "threads": optional(integer(ge=1)),
     "max_bad_steps": integer(ge=1),
+    "budget_tfe": OPTIONAL_POSITIVE,
     "resume": flag_or_path,
     "checkpoint.every_kimg": POSITIVE,
     "checkpoint.keep": integer(ge=1),
@@ -146,6 +147,7 @@ SETTINGS: dict[str, Rule] = {
     "optim.betas": betas,
     "optim.eps": POSITIVE,
     "eval.every_kimg": POSITIVE,
+    "eval.curve_points": optional(integer(ge=1)),
     "eval.n": integer(ge=2),
     "eval.noise_seed": integer(ge=0),
     "eval.batch_size": integer(ge=1),
@@ -236,6 +238,11 @@ def validate_train_config(cfg: DictConfig) -> None:
         if value is not ABSENT:
             check(key, value, rule)
     check_batch_divides(cfg)
+    if lookup(cfg, "eval.curve_points") not in (None, ABSENT) and lookup(cfg, "budget_tfe") in (None, ABSENT):
+        raise ConfigError(
+            "eval.curve_points spreads evaluations over budget_tfe: set budget_tfe too, or use "
+            "eval.every_kimg"
+        )
     for cross_check in CROSS_CHECKS.get(name, ()):
         cross_check(cfg.method)
 

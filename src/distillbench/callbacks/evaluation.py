@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
-from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER
+from distillbench.sweeps import AXES, EVAL_FILE, HIGHER_IS_BETTER
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
 
@@ -80,7 +80,8 @@ class PeriodicEvaluation(L.Callback):
 
     def evaluate(self, trainer, pl_module) -> dict:
         figures, x = self.measure(trainer, pl_module)
-        row = {"kimg": pl_module.kimg, "gen_step": int(pl_module.gen_steps), **figures}
+        spent = {"tfe": float(pl_module.tfe)} if hasattr(pl_module, "tfe") else {}  # a distillation method's
+        row = {"kimg": pl_module.kimg, "gen_step": int(pl_module.gen_steps), **spent, **figures}
         self.history.append(row)
         if trainer.is_global_zero:
             self.record(trainer, row, x[: self.grid_size])
@@ -89,8 +90,8 @@ class PeriodicEvaluation(L.Callback):
     def record(self, trainer, row: dict, grid: torch.Tensor) -> None:
         """Send the row to every logger (and eval.csv), the grid to the image-capable ones and to disk."""
         declare_wandb_metrics(trainer, row, self._declared)
-        scalars = {f"eval/{k}": v for k, v in row.items() if k not in ("kimg", "gen_step")}
-        axes = {"train/kimg": row["kimg"], "train/gen_step": row["gen_step"]}
+        scalars = {f"eval/{k}": v for k, v in row.items() if k not in AXES}
+        axes = {f"train/{k}": row[k] for k in AXES if k in row}
         for logger in trainer.loggers:
             logger.log_metrics(scalars | axes, step=row["gen_step"])
         if self.run_dir is None:
@@ -149,10 +150,11 @@ def wandb_runs(trainer):
 
 
 def declare_wandb_axes(trainer) -> None:
-    """W&B: plot ``train/*`` and ``eval/*`` against kimg (``train/gen_step`` is logged beside it)."""
+    """W&B: plot ``train/*`` and ``eval/*`` against kimg (``train/gen_step`` and ``train/tfe``, the compute
+    spent, are logged beside it to choose as x-axis instead)."""
     for run in wandb_runs(trainer):
-        run.define_metric("train/kimg")
-        run.define_metric("train/gen_step")
+        for axis in AXES:
+            run.define_metric(f"train/{axis}")
         run.define_metric("train/*", step_metric="train/kimg")
         run.define_metric("eval/*", step_metric="train/kimg")
 

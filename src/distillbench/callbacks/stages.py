@@ -12,7 +12,7 @@ import functools
 
 import lightning as L
 
-from distillbench.callbacks.evaluation import PeriodicEvaluation
+from distillbench.callbacks.evaluation import AXES, PeriodicEvaluation
 
 
 class StageEvaluation(L.Callback):
@@ -39,6 +39,6 @@ class StageEvaluation(L.Callback):
 
     @staticmethod
     def send_to_loggers(trainer, row: dict) -> None:
-        scalars = {f"stage/{k}": v for k, v in row.items() if k not in ("kimg", "gen_step")}
+        scalars = {f"stage/{k}": v for k, v in row.items() if k not in AXES}
         for logger in trainer.loggers:
             logger.log_metrics(scalars | {"train/kimg": row["kimg"]}, step=row["gen_step"])

@@ -52,6 +52,11 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
+def teacher_forwards(manifest: dict) -> float:
+    """Teacher calls that made the training split: N DPM-Solver++(2M) steps, one call each, per trajectory."""
+    return float(sum(shard["count"] for shard in manifest["splits"]["train"]) * manifest["steps"])
+
+
 def check_held_out(manifest: dict, root: Path, eval_noise_seed: int) -> None:
     """The pairs come from other noise than the evaluation's, or the student is measured on its inputs."""
     if int(manifest["noise_seed"]) == int(eval_noise_seed):

@@ -10,7 +10,10 @@ It owns what the three share (algorithms.md §2–3; SiD ``sid_training_loop.py`
 - noise seeded per (seed, generator step, phase): every rank draws the global batch from that stream and
   keeps its own rows, so ranks differ and W processes step as one process with the same global batch;
 - progress counted in generator steps and kimg (``global_step`` counts both optimisers);
-- loss scaling, dropping samples with non-finite values and ``nan_to_num`` on gradients, with counts.
+- loss scaling, dropping samples with non-finite values and ``nan_to_num`` on gradients, with counts;
+- compute counted in teacher-forward equivalents (TFE): each network's forward pass of one sample is 1, its
+  backward 2, scaled by its parameter count over the teacher's; a method states its passes (:meth:`anatomy`)
+  and :meth:`fit_budget` sets its duration from a TFE budget (the leaderboard's common currency).
 
 A method implements :meth:`generator_loss`, returning the per-sample loss of generator samples x_g.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import lightning as L
 import numpy as np
@@ -70,6 +74,13 @@ def check_same_shape(student: Denoiser, teacher: Denoiser) -> None:
         )
 
 
+def forward_equivalents(forwards: float, backwards: float, parameters: int, teacher_parameters: int) -> float:
+    """Teacher-forward equivalents of a network's passes on one sample: (forwards + 2·backwards) · P / P_φ.
+    A teacher without parameters (the analytic toy2d mixture) counts every network at its size."""
+    scale = parameters / teacher_parameters if teacher_parameters else 1.0
+    return (forwards + 2 * backwards) * scale
+
+
 class DistillationMethod(L.LightningModule):
     """What every strategy shares: the frozen teacher outside the module tree, the sample shape and classes,
     progress in generator steps and kimg, per-rank seeding, and the non-finite guards with their counts.
@@ -90,8 +101,12 @@ class DistillationMethod(L.LightningModule):
         self.num_classes = int(getattr(teacher, "num_classes", 0))
         self.seed = int(seed)
         self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("tfe", torch.zeros((), dtype=torch.float64))  # teacher-forward equivalents
+        self.register_buffer("train_seconds", torch.zeros((), dtype=torch.float64))  # in training steps
+        self._step_start = time.perf_counter()
         for name in ("gen_steps", "batches_trained", "dropped_samples", "nonfinite_grads"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._parameter_counts: dict[int, int] = {}
         self._ddp: dict[str, torch.nn.Module] = {}  # a plain dict: the DDP wrappers stay out of the tree
         self._train_metrics: dict = {}
 
@@ -105,6 +120,39 @@ class DistillationMethod(L.LightningModule):
     @property
     def kimg(self) -> float:
         return float(self.nimg) / 1000
+
+    # ---- compute accounting -------------------------------------------------------------------------------
+    def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
+        """(network, forward passes, backward passes) per training sample of the current step."""
+        raise NotImplementedError
+
+    def parameters_of(self, module: torch.nn.Module) -> int:
+        key = id(module)
+        if key not in self._parameter_counts:
+            self._parameter_counts[key] = sum(p.numel() for p in module.parameters())
+        return self._parameter_counts[key]
+
+    def cost_of(self, anatomy) -> float:
+        """Teacher-forward equivalents of one sample through ``anatomy``'s passes."""
+        teacher = self.parameters_of(self._teacher[0])
+        return sum(forward_equivalents(f, b, self.parameters_of(net), teacher) for net, f, b in anatomy)
+
+    def tfe_per_sample(self) -> float:
+        """Teacher-forward equivalents of one training sample of the current step (:meth:`anatomy`)."""
+        return self.cost_of(self.anatomy())
+
+    def spend(self, samples: int) -> None:
+        """Count a step of ``samples`` (the global batch) at the current step's cost, and its wall time (from
+        the batch's start: evaluations and checkpoints, which run after it, are not counted)."""
+        self.tfe += samples * self.tfe_per_sample()
+        self.train_seconds += time.perf_counter() - self._step_start
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_start = time.perf_counter()
+
+    def fit_budget(self, tfe: float, batch_size: int) -> float:
+        """Set the method's duration so that training spends ``tfe``; returns that duration in kimg."""
+        raise NotImplementedError
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.batches_trained += 1  # where the data resumes (DataPosition)
@@ -218,6 +266,7 @@ class StagedDistillation(DistillationMethod):
 
     def advance(self, images: int) -> None:
         """Count the step and, once the stage's budget is spent, finish the stage."""
+        self.spend(images)
         self.gen_steps += 1
         self.stage_step += 1
         self.nimg += images
@@ -227,7 +276,7 @@ class StagedDistillation(DistillationMethod):
 
     def finish_stage(self) -> None:
         record = {"stage": self.current_stage, "steps": self.steps, "kimg": self.kimg,
-                  "gen_step": int(self.gen_steps)}  # fmt: skip
+                  "gen_step": int(self.gen_steps), "tfe": float(self.tfe)}  # fmt: skip
         self.finished_stages.append(record)
         self.stage += 1
         self.stage_step.zero_()
@@ -237,6 +286,25 @@ class StagedDistillation(DistillationMethod):
 
     def start_next_stage(self) -> None:
         """What changes between stages (nothing here)."""
+
+    def stage_anatomy(self, stage: int) -> list[tuple[torch.nn.Module, int, int]]:
+        """:meth:`anatomy` of stage ``stage``."""
+        raise NotImplementedError
+
+    def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
+        return self.stage_anatomy(self.current_stage)
+
+    def fit_budget(self, tfe: float, batch_size: int) -> float:
+        """Scale every stage's budget by one factor, so that the stages together spend ``tfe`` (at most)."""
+        samples_per_unit = 1000 if self.budget_unit == "kimg" else batch_size
+        costs = [self.cost_of(self.stage_anatomy(stage)) for stage in range(len(self.budgets))]
+        planned = sum(b * samples_per_unit * c for b, c in zip(self.budgets, costs, strict=True))
+        steps = [max(1, math.floor(b * tfe / planned * samples_per_unit / batch_size)) for b in self.budgets]
+        # whole steps per stage, so that the stages spend at most tfe
+        self.budgets = [n * batch_size / samples_per_unit for n in steps]
+        if self.budget_unit == "steps":
+            self.budgets = [int(b) for b in self.budgets]
+        return sum(steps) * batch_size / 1000
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finished_stages"] = self.finished_stages
@@ -252,6 +320,9 @@ class ScoreDistillation(DistillationMethod):
 
     #: generator time law of the method (``p_sim`` or ``p_edm``); a subclass may make it configurable
     time_law: str = "p_sim"
+
+    #: whether the θ-step backpropagates through D_φ and D_ψ (SiD, SIM) or holds them constant (DI)
+    scores_in_graph: bool = True
 
     def __init__(
         self,
@@ -367,8 +438,21 @@ class ScoreDistillation(DistillationMethod):
              "train/nonfinite_grads": float(self.nonfinite_grads)}
         )  # fmt: skip
 
+    def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
+        """Per generator image: k ψ-steps (G forward; ψ forward and backward), then the θ-step (G forward and
+        backward; φ and ψ forward, and backward when the scores are in the graph). SIM/SiD: 5 forwards and 4
+        backwards at k = 1 (algorithms.md §8); DI: 5 and 2."""
+        k, through = self.hparams.fake_updates, int(self.scores_in_graph)
+        return [(self.generator, k + 1, 1), (self.fake, k + 1, k + through), (self.teacher, 1, through)]
+
+    def fit_budget(self, tfe: float, batch_size: int) -> float:
+        """Whole generator steps that spend at most ``tfe`` (at least one)."""
+        steps = max(1, math.floor(tfe / (batch_size * self.tfe_per_sample())))
+        return steps * batch_size / 1000
+
     def after_generator_step(self) -> None:
         batch = self.hparams.batch_size
+        self.spend(batch)
         self.gen_steps += 1
         self.nimg += batch
         update_ema(

@@ -16,6 +16,7 @@ from distillbench.methods.base import ScoreDistillation, per_sample_sum
 
 class DiffInstruct(ScoreDistillation):
     time_law = "p_edm"
+    scores_in_graph = False
 
     def generator_loss(self, x_g, labels):
         with torch.no_grad():

@@ -17,6 +17,7 @@ NFE = k + 1: the refiner runs inside the student's one step, as in the paper's "
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,6 +165,14 @@ class DirectDistillation(StagedDistillation):
                 f"method.steps={self.sampler.steps} and method.schedule give {grid}; set them as the "
                 f"trajectories command had them (steps={manifest['steps']}, schedule={manifest['schedule']})"
             )
+        # allowed (the paper trains on steps 10-12 and samples 7 + 1), but worth a word
+        if self.k not in manifest["indices"]:
+            warnings.warn(
+                f"method.k={self.k} is not among the step indices {manifest['indices']} of {where}: the "
+                f"student will map states x_{self.k} it never saw; make pairs with 'indices=[{self.k - 1},"
+                f"{self.k},{self.k + 1}]' to train on them",
+                stacklevel=2,
+            )
 
     # ---- state ---------------------------------------------------------------------------------------------
     @property
@@ -182,6 +191,10 @@ class DirectDistillation(StagedDistillation):
     def trained_net(self) -> nn.Module:
         """The network the current stage trains: the student, then the refiner."""
         return self.net if self.current_stage == 0 else self.refiner
+
+    def stage_anatomy(self, stage: int) -> list[tuple[nn.Module, int, int]]:
+        """Per pair: stage one trains S_θ (forward, backward); stage two runs S_θ and trains R_φ."""
+        return [(self.net, 1, 1)] if stage == 0 else [(self.net, 1, 0), (self.refiner, 1, 1)]
 
     def loss_kind(self) -> str:
         """L1 for the first ``l1_fraction`` of stage one, L2 after it and in stage two."""

@@ -179,6 +179,10 @@ class ProgressiveDistillation(StagedDistillation):
         """The whole run's length in kimg (None when the budgets are in steps)."""
         return sum(self.budgets) if self.budget_unit == "kimg" else None
 
+    def stage_anatomy(self, stage: int) -> list[tuple[torch.nn.Module, int, int]]:
+        """Per sample: the stage's teacher takes two steps (2 forwards), the student trains (1 and 1)."""
+        return [(self.student, 1, 1), (self._teacher[0] if stage == 0 else self.previous_student, 2, 0)]
+
     def grids(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(student grid with steps + 1 points, teacher grid with 2·steps + 1 points), float64."""
         return self.schedule(steps).to(self.device), self.schedule(2 * steps).to(self.device)

@@ -1,0 +1,86 @@
+"""Compute accounting in teacher-forward equivalents (TFE): the passes each method states (its anatomy) are
+the passes its training step makes, counted with hooks per sample, and a TFE budget sets the duration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distillbench.callbacks import KimgBudget
+from distillbench.methods.base import forward_equivalents
+from distillbench.methods.progressive import ProgressiveDistillation
+from distillbench.teachers.denoiser import freeze
+from tests.test_methods import METHODS, fit_one_step, tiny_teacher
+from tests.test_progressive import fit, mlp_denoiser
+
+
+class SampleCounter:
+    """Forward and backward passes of a module, counted in samples (a batch of B counts B), by hooks."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.forward, self.backward = module, 0, 0
+        module.register_forward_hook(self.count_forward)
+        module.register_full_backward_hook(self.count_backward)
+
+    def count_forward(self, module, inputs, output) -> None:
+        self.forward += output.shape[0]
+
+    def count_backward(self, module, grad_input, grad_output) -> None:
+        self.backward += grad_output[0].shape[0]
+
+    def tfe(self, teacher: nn.Module) -> float:
+        size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return forward_equivalents(self.forward, self.backward, size(self.module), size(teacher))
+
+
+@pytest.mark.parametrize(
+    ("name", "fake_updates", "passes", "per_image"),
+    [  # (generator, fake score, teacher) as (forwards, backwards) per generator image
+        ("sim", 1, [(2, 1), (2, 2), (1, 1)], 13),  # algorithms.md §8: 5 forwards, 4 backwards
+        ("sid", 1, [(2, 1), (2, 2), (1, 1)], 13),
+        ("di", 1, [(2, 1), (2, 1), (1, 0)], 9),  # D_φ and D_ψ held constant in the θ-step: 5 and 2
+        ("sim", 2, [(3, 1), (3, 3), (1, 1)], 17),  # two ψ-steps per θ-step
+    ],
+)
+def test_score_methods_count_the_passes_their_step_makes(name, fake_updates, passes, per_image):
+    teacher = tiny_teacher()
+    method = METHODS[name](teacher, batch_size=4, fake_updates=fake_updates)
+    counters = [SampleCounter(m.net) for m in (method.generator, method.fake, teacher)]
+    fit_one_step(method)
+    assert [(c.forward, c.backward) for c in counters] == [(4 * f, 4 * b) for f, b in passes]
+    assert float(method.tfe) == pytest.approx(4 * per_image)
+    assert float(method.tfe) == pytest.approx(sum(c.tfe(teacher.net) for c in counters))
+    assert float(method.train_seconds) > 0
+
+
+def test_progressive_counts_two_teacher_forwards_and_a_student_step_per_sample():
+    torch.manual_seed(0)
+    teacher = freeze(mlp_denoiser())
+    method = ProgressiveDistillation(teacher, n_start=2, stage_steps=1, lr=1e-3)
+    counters = [SampleCounter(m) for m in (method.student, teacher, method.previous_student)]
+    fit(method)  # one step per stage, batch 32: the original teacher, then the previous student teaches
+    assert [(c.forward, c.backward) for c in counters] == [(64, 64), (64, 0), (64, 0)]
+    assert float(method.tfe) == pytest.approx(2 * 32 * 5)
+    assert float(method.tfe) == pytest.approx(sum(c.tfe(teacher) for c in counters))
+
+
+@pytest.mark.parametrize(("name", "per_image"), [("sim", 13), ("di", 9)])
+def test_a_budget_sets_the_whole_steps_that_spend_it(name, per_image):
+    method = METHODS[name](tiny_teacher(), batch_size=4)
+    budget = 4 * 13 * 3 + 20  # three SIM steps' worth and a bit
+    kimg = method.fit_budget(tfe=budget, batch_size=4)
+    steps = budget // (4 * per_image)  # SIM 3, DI 4
+    assert kimg == pytest.approx(steps * 4 / 1000)
+    fit_one_step(method, KimgBudget(kimg))
+    assert int(method.gen_steps) == steps and float(method.tfe) == pytest.approx(steps * 4 * per_image)
+
+
+def test_staged_budgets_scale_together_to_whole_steps_within_the_budget():
+    method = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=4, stage_kimg=[1, 2, 1], lr=1e-3)
+    kimg = method.fit_budget(tfe=40_000, batch_size=32)  # 5 per sample: 8 kimg in all, split 1 : 2 : 1
+    assert method.budgets == pytest.approx([62 * 0.032, 125 * 0.032, 62 * 0.032])  # whole batches of 32
+    assert kimg == pytest.approx(249 * 0.032) and kimg * 1000 * 5 <= 40_000
+    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_steps=[3, 1], lr=1e-3)
+    steps.fit_budget(tfe=32 * 5 * 8, batch_size=32)
+    assert steps.budgets == [6, 2], "step budgets stay whole numbers"

@@ -1,0 +1,149 @@
+"""``python -m distillbench.leaderboard``: suite checks, fairness, resuming a killed suite run, and (slow) a
+whole toy2d suite with its table, CSV and figure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from distillbench.config import CONFIG_DIR
+from distillbench.errors import ConfigError
+from distillbench.leaderboard import (
+    check_readme,
+    check_suite,
+    collect,
+    settle_cell,
+    teacher_overrides,
+    train_overrides,
+)
+from distillbench.validation import validate_train_config
+from tests.test_cli import run_cli
+
+#: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
+SMALL = ["suite=toy2d", "~suite.methods.di", "suite.budget_tfe=15000", "suite.teacher_samplers={heun:[2]}"]
+
+
+def suite(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return compose(config_name="leaderboard", overrides=list(overrides)).suite
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["suite.methods.sim=['method=sim','eval.n=10']"], r"sets \['eval.n=10'\].*fairness"),
+        (["suite.methods.sim=['method=sim','teacher=mnist']"], r"sets \['teacher=mnist'\]"),
+        (["suite.seeds=[0,0]"], r"suite.seeds=\[0, 0\] must be distinct"),
+        (["suite.budget_tfe=0"], r"suite.budget_tfe=0 must be > 0"),
+        (["suite.teacher_samplers={heun:[0]}"], r"suite.teacher_samplers.heun=\[0\]"),
+    ],
+)
+def test_bad_suites_fail_before_any_cell_runs(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        check_suite(suite("suite=toy2d", *overrides))
+
+
+def test_every_shipped_suite_passes_its_checks():
+    for name in ("digits", "mnist", "cifar10", "toy2d"):
+        check_suite(suite(f"suite={name}"))
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "toy2d"])
+def test_every_cell_of_every_shipped_suite_composes_into_a_valid_command(name, tmp_path):
+    shipped = suite(f"suite={name}")
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        for method in shipped.methods:
+            cfg = compose(config_name="train", overrides=train_overrides(shipped, method, 0, tmp_path))
+            validate_train_config(cfg)
+            assert cfg.budget_tfe == shipped.budget_tfe and cfg.eval.noise_seed == shipped.eval.noise_seed
+        for sampler, steps in shipped.teacher_samplers.items():
+            overrides = teacher_overrides(shipped, sampler, steps[0], tmp_path)
+            cfg = compose(config_name="evaluate", overrides=overrides)
+            assert cfg.sampler.steps == steps[0] and cfg.n == shipped.eval.n
+
+
+def test_a_kept_cell_run_with_other_settings_is_refused(tmp_path):
+    folder = tmp_path / "cell"
+    assert settle_cell(folder, ["seed=0", "budget_tfe=100"]) == "start"
+    with pytest.raises(ConfigError, match=r"budget_tfe=100, budget_tfe=200.*delete that cell"):
+        settle_cell(folder, ["seed=0", "budget_tfe=200"])
+
+
+def test_a_readme_without_the_suite_s_block_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block\n")
+    with pytest.raises(ConfigError, match=r"add the lines <!-- leaderboard:toy2d --> and"):
+        check_readme(readme, "toy2d")
+    assert readme.read_text() == "# no block\n"
+
+
+def start_suite(out_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "distillbench.leaderboard", *SMALL, f"out_dir={out_dir}",
+               f"hydra.run.dir={out_dir / 'run'}", "threads=1", *extra]  # fmt: skip
+    env = os.environ | {"WANDB_MODE": "disabled", "DISTILLBENCH_CACHE": str(out_dir.parent / "cache")}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=out_dir.parent, start_new_session=True)  # fmt: skip
+
+
+def test_a_killed_suite_run_restarts_without_rerunning_finished_cells(tmp_path):
+    out = tmp_path / "board"
+    first_done = out / "cells" / "sim" / "seed0" / "summary.json"
+    proc = start_suite(out)
+    deadline = time.time() + 300
+    while not first_done.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the suite and the cell it is running
+    proc.wait()
+    assert first_done.is_file() and not (out / "leaderboard.csv").exists()
+    finished_at = first_done.stat().st_mtime_ns
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Mine\n<!-- leaderboard:toy2d -->\nold\n<!-- /leaderboard:toy2d -->\nkept\n")
+    output, _ = start_suite(out, f"readme={readme}").communicate(timeout=300)
+    assert "sim seed 0: skipped (finished)" in output, output
+    assert "sim seed 1: ran" in output or "sim seed 1: resumed" in output, output
+    assert first_done.stat().st_mtime_ns == finished_at, "a finished cell was run again"
+    table = pd.read_csv(out / "leaderboard.csv")
+    assert list(table["method"]) == ["sim", "sim", "teacher heun"] and table["fid"].notna().all()
+    assert (table["tfe"][:2] <= 15000).all() and (table["tfe"][:2] > 15000 - 256 * 13).all()
+    text = readme.read_text()
+    assert text.startswith("# Mine\n<!-- leaderboard:toy2d -->\n- command:") and text.endswith("kept\n")
+    assert "| sim | 1 |" in text and "old" not in text and (tmp_path / "docs/leaderboard_toy2d.png").is_file()
+
+    # fairness: a cell measured on other evaluation noise is refused
+    config = out / "cells" / "sim" / "seed1" / "config.yaml"
+    cfg = OmegaConf.load(config)
+    cfg.eval.noise_seed = 5
+    config.write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(ConfigError, match=r"sim seed 1 differs from sim seed 0 in \['noise_seed'\]"):
+        collect(suite(*SMALL), out)
+
+
+@pytest.mark.slow
+def test_a_toy_suite_writes_its_table_csv_and_figure_with_one_budget_and_noise(tmp_path):
+    out = tmp_path / "board"
+    run_cli("distillbench.leaderboard", "suite=toy2d", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
+            cwd=tmp_path)  # fmt: skip
+    table = pd.read_csv(out / "leaderboard.csv")
+    students = table[table["tfe"] > 0]
+    assert sorted(set(zip(students["method"], students["seed"], strict=True))) == [
+        ("di", 0), ("di", 1), ("sim", 0), ("sim", 1)
+    ]  # fmt: skip
+    assert (students["tfe"] <= 40000).all() and table["fid"].notna().all()
+    configs = [OmegaConf.load(p) for p in sorted((out / "cells").glob("*/seed*/config.yaml"))]
+    assert len(configs) == 4
+    assert {c.budget_tfe for c in configs} == {40000} and {c.eval.noise_seed for c in configs} == {0}
+    assert {c.eval.n for c in configs} == {2000}
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| sim | 1 |" in markdown and "| teacher heun | 9 |" in markdown
+    assert "budget per method: 4e+04 teacher-forward equivalents" in markdown
+    assert (out / "leaderboard.png").stat().st_size > 10_000
