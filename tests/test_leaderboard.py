@@ -71,6 +71,18 @@ def test_every_cell_of_every_shipped_suite_composes_into_a_valid_command(name, t
             assert cfg.sampler.steps == steps[0] and cfg.n == shipped.eval.n
 
 
+def test_a_cell_is_started_resumed_or_skipped_by_what_its_folder_holds(tmp_path):
+    folder, overrides = tmp_path / "cell", ["seed=0"]
+    assert settle_cell(folder, overrides) == "start"
+    (folder / "stray.txt").write_text("left by a killed start")
+    assert settle_cell(folder, overrides) == "start" and not (folder / "stray.txt").exists()
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert settle_cell(folder, overrides) == "resume"
+    (folder / "summary.json").write_text("{}")
+    assert settle_cell(folder, overrides) == "done"
+
+
 def test_a_kept_cell_run_with_other_settings_is_refused(tmp_path):
     folder = tmp_path / "cell"
     assert settle_cell(folder, ["seed=0", "budget_tfe=100"]) == "start"
