@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import default_collate
 
 from benchmarks.bare import BareDirect, BareProgressive, BareScore, edm_fake_loss
+from distillbench.callbacks import BatchTimer
 from distillbench.teachers.training import edm_loss
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 
@@ -86,26 +87,6 @@ def build_run(method: str, folder: Path, pairs: Path | None):
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose(config_name="train", overrides=overrides)
     return build(cfg)
-
-
-class BatchTimer(L.Callback):
-    """Times batches ``warmup`` .. ``warmup + steps`` (ends of batches, so the loop between them counts),
-    inside ``context`` (e.g. a profiler) when given, and then stops the trainer."""
-
-    def __init__(self, warmup: int, steps: int, context=None):
-        self.warmup, self.steps, self.done = warmup, steps, 0
-        self.context = context or contextlib.nullcontext()
-        self.start = self.seconds = None
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        self.done += 1
-        if self.done == self.warmup:
-            self.context.__enter__()
-            self.start = time.perf_counter()
-        elif self.done == self.warmup + self.steps:
-            self.seconds = time.perf_counter() - self.start
-            self.context.__exit__(None, None, None)
-            trainer.should_stop = True
 
 
 def framework_seconds(run, warmup: int, steps: int, context=None) -> float:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distillbench.callbacks import BatchTimer
 from distillbench.config import CONFIG_DIR
 from distillbench.data.noise import NoiseDataModule
 from distillbench.errors import ConfigError
@@ -43,25 +44,6 @@ COLUMNS = (
     "peak_memory_gib",
     "status",
 )
-
-
-class UpdateTimer(L.Callback):
-    """Times generator updates ``warmup`` .. ``warmup + steps`` and then stops the trainer."""
-
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps = warmup, steps
-        self.start: float | None = None
-        self.seconds: float | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        done = int(pl_module.gen_steps)
-        if done in (self.warmup, self.warmup + self.steps) and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if done == self.warmup:
-            self.start = time.perf_counter()
-        elif done == self.warmup + self.steps:
-            self.seconds = time.perf_counter() - self.start
-            trainer.should_stop = True
 
 
 def check_request(cfg: DictConfig) -> None:
@@ -89,7 +71,7 @@ def measure(cfg: DictConfig, name: str, precision: str, compiled: bool) -> dict:
     """One case: images per second over the timed updates and the peak GPU memory."""
     cuda = torch.cuda.is_available()
     method = build_method(cfg, name, compiled)
-    timer = UpdateTimer(int(cfg.warmup), int(cfg.steps))
+    timer = BatchTimer(int(cfg.warmup), int(cfg.steps))
     trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=-1, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])  # fmt: skip

@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
-from distillbench.evaluate import display_path
-from distillbench.sweeps import EVAL_FILE
+from distillbench.evaluate import display_path, save_figure
+from distillbench.sweeps import EVAL_FILE, metric_column, metric_kind
 from distillbench.utils.io import atomic_write_json, atomic_write_text, atomic_writer
 from distillbench.utils.runs import task
 
@@ -144,15 +144,23 @@ def run_cell(module: str, folder: Path, overrides: list[str], threads) -> str:
     return "resumed" if state == "resume" else "ran"
 
 
+def training_cell(out_dir: Path, name: str, seed: int) -> Path:
+    return out_dir / "cells" / name / f"seed{seed}"
+
+
+def sampler_cell(out_dir: Path, sampler: str, steps: int) -> Path:
+    return out_dir / "teacher" / f"{sampler}-{steps}"
+
+
 def cells(suite: DictConfig, out_dir: Path):
     """(label, module, folder, overrides) of every cell, training cells first."""
     for name in suite.methods:
         for seed in suite.seeds:
-            yield (f"{name} seed {seed}", "distillbench.train", out_dir / "cells" / name / f"seed{seed}",
+            yield (f"{name} seed {seed}", "distillbench.train", training_cell(out_dir, name, seed),
                    train_overrides(suite, name, seed, out_dir))  # fmt: skip
     for sampler, counts in (suite.teacher_samplers or {}).items():
         for steps in counts:
-            folder = out_dir / "teacher" / f"{sampler}-{steps}"
+            folder = sampler_cell(out_dir, sampler, steps)
             overrides = teacher_overrides(suite, sampler, steps, out_dir)
             yield f"teacher {sampler}-{steps}", "distillbench.evaluate", folder, overrides
 
@@ -165,11 +173,6 @@ def make_trajectories(suite: DictConfig, out_dir: Path, threads) -> None:
 
 
 # ---- the table ---------------------------------------------------------------------------------------------
-def figure_kind(name: str) -> str:
-    """``fid_clf@1k`` → ``fid``: the metric's kind from its full name."""
-    return name.split("@")[0].split("_")[0]
-
-
 def cell_config(folder: Path) -> DictConfig:
     return OmegaConf.load(folder / "config.yaml")
 
@@ -198,7 +201,7 @@ def check_fair(records: dict[str, dict], budgets: dict[str, float]) -> None:
 def student_row(name: str, seed: int, folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     student = summary["student"]
-    figures = {figure_kind(k): v for k, v in student.items() if "@" in k}
+    figures = {metric_kind(k): v for k, v in student.items() if "@" in k}
     return {"method": name, "seed": seed, "nfe": student["nfe"], **{k: figures.get(k) for k in FIGURES},
             "tfe": summary["tfe"], "train_seconds": summary["train_seconds"],
             "samples_per_second": student["samples_per_second"]}  # fmt: skip
@@ -215,14 +218,14 @@ def collect(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     rows, records, budgets = [], {}, {}
     for name in suite.methods:
         for seed in suite.seeds:
-            folder = out_dir / "cells" / name / f"seed{seed}"
+            folder = training_cell(out_dir, name, seed)
             cfg = cell_config(folder)
             label = f"{name} seed {seed}"
             records[label], budgets[label] = fairness_record(cfg, True), cfg.budget_tfe
             rows.append(student_row(name, seed, folder))
     for sampler, counts in (suite.teacher_samplers or {}).items():
         for steps in counts:
-            folder = out_dir / "teacher" / f"{sampler}-{steps}"
+            folder = sampler_cell(out_dir, sampler, steps)
             records[f"teacher {sampler}-{steps}"] = fairness_record(cell_config(folder), False)
             rows.append(teacher_row(sampler, steps, folder))
     check_fair(records, budgets)
@@ -266,8 +269,8 @@ def curves(suite: DictConfig, out_dir: Path) -> dict[str, pd.DataFrame]:
     for name in suite.methods:
         frames = []
         for seed in suite.seeds:
-            frame = pd.read_csv(out_dir / "cells" / name / f"seed{seed}" / EVAL_FILE)
-            fid = next(c for c in frame.columns if figure_kind(c) == "fid")
+            frame = pd.read_csv(training_cell(out_dir, name, seed) / EVAL_FILE)
+            fid = metric_column(frame, "fid")
             frames.append(frame[["tfe", fid]].rename(columns={fid: "fid"}))
         found[name] = frames
     return found
@@ -300,21 +303,16 @@ def plot(table: pd.DataFrame, per_method: dict[str, list[pd.DataFrame]], path: P
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path, binary=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def teacher_name(teacher: DictConfig) -> str:
     return display_path(teacher.path) if "path" in teacher else teacher._target_
 
 
-def measured_when(out_dir: Path) -> str:
+def measured_when(suite: DictConfig, out_dir: Path) -> str:
     """When the cells finished: the first and last ``summary.json`` (a resumed suite spans several runs)."""
-    files = [*out_dir.glob("cells/*/*/summary.json"), *out_dir.glob("teacher/*/summary.json")]
+    files = [folder / "summary.json" for _, _, folder, _ in cells(suite, out_dir)]
     times = sorted(datetime.fromtimestamp(p.stat().st_mtime) for p in files)
     first, last = (t.isoformat(sep=" ", timespec="minutes") for t in (times[0], times[-1]))
     return first if first == last else f"{first} to {last}"
@@ -325,9 +323,9 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     with atomic_writer(out_dir / "leaderboard.csv") as tmp:
         table.to_csv(tmp, index=False)
     summary = summarise(table)
-    first = cell_config(out_dir / "cells" / next(iter(suite.methods)) / f"seed{suite.seeds[0]}")
+    first = cell_config(training_cell(out_dir, next(iter(suite.methods)), suite.seeds[0]))
     header = {"command": f"python -m distillbench.leaderboard suite={suite.name}",
-              "measured": measured_when(out_dir),
+              "measured": measured_when(suite, out_dir),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                          f"{torch.__version__}",
               "budget per method": f"{suite.budget_tfe:.4g} teacher-forward equivalents (forward 1, backward "

@@ -102,9 +102,14 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
     return [c for c in override_columns(frame) if frame.groupby("job")[c].first().nunique() > 1]
 
 
+def metric_kind(name: str) -> str:
+    """A metric's kind from its full name: ``fid_clf@1k`` → ``fid``."""
+    return name.split("@")[0].split("_")[0]
+
+
 def metric_column(frame: pd.DataFrame, kind: str) -> str | None:
     """The column of a metric kind: ``fid`` → ``fid_clf@1k`` (None when the sweep did not measure it)."""
-    matches = [c for c in frame.columns if c.split("@")[0].split("_")[0] == kind and "@" in c]
+    matches = [c for c in frame.columns if metric_kind(c) == kind and "@" in c]
     return matches[0] if matches else None
 
 

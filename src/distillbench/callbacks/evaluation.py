@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
-from distillbench.sweeps import AXES, EVAL_FILE, HIGHER_IS_BETTER
+from distillbench.sweeps import AXES, EVAL_FILE, HIGHER_IS_BETTER, metric_kind
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
 
@@ -163,7 +163,7 @@ def declare_wandb_metrics(trainer, row: dict, declared: set[str]) -> None:
     """Summarise each metric by its best value (FID by its minimum); W&B needs exact names for summaries."""
     for run in wandb_runs(trainer):
         for name in row:
-            kind = name.split("@")[0].split("_")[0]
+            kind = metric_kind(name)
             if "@" in name and kind in {"fid", "kid"} | HIGHER_IS_BETTER and name not in declared:
                 summary = "max" if kind in HIGHER_IS_BETTER else "min"
                 run.define_metric(f"eval/{name}", step_metric="train/kimg", summary=summary)

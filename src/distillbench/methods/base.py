@@ -299,11 +299,9 @@ class StagedDistillation(DistillationMethod):
         samples_per_unit = 1000 if self.budget_unit == "kimg" else batch_size
         costs = [self.cost_of(self.stage_anatomy(stage)) for stage in range(len(self.budgets))]
         planned = sum(b * samples_per_unit * c for b, c in zip(self.budgets, costs, strict=True))
-        steps = [max(1, math.floor(b * tfe / planned * samples_per_unit / batch_size)) for b in self.budgets]
         # whole steps per stage, so that the stages spend at most tfe
-        self.budgets = [n * batch_size / samples_per_unit for n in steps]
-        if self.budget_unit == "steps":
-            self.budgets = [int(b) for b in self.budgets]
+        steps = [max(1, math.floor(b * tfe / planned * samples_per_unit / batch_size)) for b in self.budgets]
+        self.budgets = steps if self.budget_unit == "steps" else [n * batch_size / 1000 for n in steps]
         return sum(steps) * batch_size / 1000
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
