@@ -29,7 +29,7 @@ from distillbench.nets.nafnet import NAFBlock, NAFNet
 from distillbench.samplers import DPMSolverPP2MSampler, fixed_labels, fixed_noise, improved, karras
 from distillbench.samplers.trajectory import first_steps, trajectory
 from distillbench.teachers.checkpoint import load_teacher
-from distillbench.teachers.denoiser import Denoiser
+from distillbench.teachers.denoiser import Denoiser, edm_coefficients
 from distillbench.teachers.diffusers_adapter import DiffusersDenoiser
 from distillbench.trajectories import CLIPPromptEncoder, PromptConditioned, write_trajectories
 from tests.test_cli import run_cli, run_folder
@@ -92,6 +92,35 @@ def test_the_time_embedding_changes_the_output_once_the_blocks_are_non_zero():
     assert torch.allclose(net(x, times[0]), net(x, times[1]))
 
 
+def test_the_class_embedding_starts_at_zero_and_separates_labels_once_trained():
+    net, x = tiny_nafnet(num_classes=3), torch.randn(4, 1, 4, 4)
+    for name, p in net.named_parameters():
+        if name.endswith(("beta", "gamma")) or name.startswith("ending"):
+            torch.nn.init.normal_(p, std=0.5)
+    t, labels = torch.zeros(4), torch.tensor([0, 1, 2, -1])
+    assert torch.equal(net(x, t, labels), net(x, t, torch.full((4,), -1))), "a zero embedding adds nothing"
+    torch.nn.init.normal_(net.label.weight)
+    out = net(x[:1].expand(4, -1, -1, -1), t, labels)  # one input, four labels
+    assert all(not torch.allclose(out[i], out[j], atol=1e-4) for i, j in itertools.combinations(range(4), 2))
+    assert net.label.weight.shape == (4, 16), "three classes and the unlabelled row (−1)"
+    with pytest.raises(ValueError, match="num_classes=3: pass labels"):
+        net(x, t)
+
+
+def test_preconditioning_reads_the_state_at_unit_scale_and_keeps_x_k_s_skip(digits_teacher):
+    x_k, sigma, labels = 5 * torch.randn(3, 1, 8, 8), torch.tensor([5.0, 1.0, 0.2]), torch.tensor([0, 1, 2])
+    seen = []
+    net = tiny_nafnet()
+    net.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    method = direct(digits_teacher, net=net)
+    c_skip, c_out, c_in, _ = (c[:, None, None, None] for c in edm_coefficients(sigma, 0.5))
+    x_hat = method.student(net, x_k, sigma, labels)  # an identity net: F(c_in·x) = c_in·x
+    torch.testing.assert_close(seen[-1], c_in * x_k)
+    torch.testing.assert_close(x_hat, (c_skip + c_out * c_in) * x_k)
+    raw = direct(digits_teacher, net=net, preconditioning=False)
+    assert torch.equal(raw.student(net, x_k, sigma, labels), x_k), "the paper's raw form: S_θ(x_k)"
+
+
 def test_block_parameter_count_is_nafnet_s_plus_the_time_film():
     c, time_dim = 24, 16
     assert (
@@ -105,10 +134,10 @@ def test_block_parameter_count_is_nafnet_s_plus_the_time_film():
     [
         ("nafnet_sd_57m", 57_627_972, None),  # the paper: 57.7M
         ("nafnet_sd_13m", 13_509_796, None),  # the paper: 13.5M
-        ("nafnet_digits", 469_281, (1, 8, 8)),
-        ("nafnet_digits_refine", 96_609, (1, 8, 8)),
-        ("nafnet_mnist", 1_732_641, (1, 32, 32)),
-        ("nafnet_mnist_refine", 324_641, (1, 32, 32)),
+        ("nafnet_digits", 469_985, (1, 8, 8)),
+        ("nafnet_digits_refine", 96_961, (1, 8, 8)),
+        ("nafnet_mnist", 1_733_345, (1, 32, 32)),
+        ("nafnet_mnist_refine", 324_993, (1, 32, 32)),
     ],
 )
 def test_preset_parameter_counts(preset, count, shape):
@@ -123,7 +152,7 @@ def test_preset_parameter_counts(preset, count, shape):
         assert net.in_channels == 4 and net.levels == 3
     else:
         x = torch.randn(2, *shape)
-        assert net(x, torch.zeros(2)).shape == x.shape
+        assert net(x, torch.zeros(2), torch.tensor([3, -1])).shape == x.shape
 
 
 def test_the_parameter_count_command_prints_every_preset_as_the_readme_records_it():
@@ -371,12 +400,12 @@ def test_one_stage_two_step_lowers_the_refiner_loss_with_the_student_fixed(shard
     method.stage.fill_(1)
     for p in method.net.parameters():
         torch.nn.init.normal_(p, std=0.05)  # a "trained" student
-    x_k, sigma, _, x_final, _ = next(iter(TrajectoryDataModule(shards, batch_size=8).train_dataloader()))
+    x_k, sigma, _, x_final, labels = next(iter(TrajectoryDataModule(shards, batch_size=8).train_dataloader()))
     net_before = params(method.net)
     optimizer = method.configure_optimizers()[1]
     losses = []
     for _ in range(2):
-        loss = method.stage_loss(x_k, sigma, x_final).mean()
+        loss = method.stage_loss(x_k, sigma, x_final, labels).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -386,10 +415,10 @@ def test_one_stage_two_step_lowers_the_refiner_loss_with_the_student_fixed(shard
 
 
 def test_sample_takes_k_teacher_steps_then_the_student_nfe_k_plus_one(digits_teacher):
-    method = direct(digits_teacher, k=2)
+    method = direct(digits_teacher, k=2, net=tiny_nafnet(num_classes=10))
     for net in (method.net, method.refiner):
         for name, p in net.named_parameters():
-            if name.endswith(("beta", "gamma")) or name.startswith("ending"):
+            if name.endswith(("beta", "gamma")) or name.startswith(("ending", "label")):
                 torch.nn.init.normal_(p, std=0.1)
     calls = {"teacher": 0, "net": 0, "refiner": 0}
     modules = {"teacher": digits_teacher, "net": method.net, "refiner": method.refiner}
@@ -403,10 +432,19 @@ def test_sample_takes_k_teacher_steps_then_the_student_nfe_k_plus_one(digits_tea
     assert calls == {"teacher": 2, "net": 1, "refiner": 1}
     sampler = DPMSolverPP2MSampler(steps=STEPS, schedule=karras)
     states, _ = trajectory(digits_teacher, sampler, z, labels, [2])
-    sigma_2 = torch.full((5,), karras(STEPS)[2].item())
+    sigma_2 = karras(STEPS)[2].item()
+    c_skip, c_out, c_in = (
+        0.25 / (sigma_2**2 + 0.25),
+        sigma_2 * 0.5 / (sigma_2**2 + 0.25) ** 0.5,
+        1 / (sigma_2**2 + 0.25) ** 0.5,
+    )  # EDM's preconditioning with the teacher's σ_data = 0.5
+    t = time_input(torch.full((5,), sigma_2))
     with torch.no_grad():
-        expected = method.refiner(method.net(states[:, 0], time_input(sigma_2)), time_input(sigma_2))
+        student = c_skip * states[:, 0] + c_out * method.net(c_in * states[:, 0], t, labels)
+        expected = method.refiner(student, t)
     torch.testing.assert_close(result.x, expected, rtol=0, atol=1e-5)
+    unlabelled = method.generate(z, None).x
+    assert not torch.allclose(unlabelled, result.x), "no labels: the unlabelled row, after the teacher's"
     assert method.sample(z, labels, steps=2).shape == z.shape, "k = 1 works without retraining"
 
 
@@ -457,6 +495,10 @@ class WideTeacher(Denoiser):
         ({"lr": 0.0}, r"method.lr=0.0 and method.eta_min=1e-07 need 0 <= eta_min < lr"),
         ({"grad_clip": -1.0}, r"method.grad_clip=-1.0 must be > 0"),
         ({"net": tiny_nafnet(in_channels=3)}, r"method.net.in_channels=3 but the teacher's samples have 1"),
+        (
+            {"refiner": tiny_nafnet(num_classes=5)},
+            r"method.refiner.num_classes=5 but the teacher has 10 classes; set method.refiner.num_classes=10",
+        ),
         (
             {"refiner": tiny_nafnet(enc_blocks=[1] * 4, dec_blocks=[1] * 4)},
             r"method.refiner has 4 levels of down-sampling",

@@ -206,6 +206,7 @@ METHODS: dict[str, dict[str, Rule]] = {
         "eps": POSITIVE,
         "eta_min": number(ge=0),
         "grad_clip": OPTIONAL_POSITIVE,
+        "preconditioning": boolean,
         **SCHEDULE,
     },
 }

@@ -1,16 +1,22 @@
 """Direct Distillation (Li & Zhang, §3.2, §3.4, §4.2; algorithms.md §7) of an EDM teacher's trajectory.
 
 The teacher's DPM-Solver++(2M) run over an N-step schedule passes the state x_k (at σ_k) after k steps and
-ends at x_N (``python -m distillbench.trajectories`` stores the pairs). A time-embedded NAFNet S_θ, fed
-t = c_noise = ln(σ_k)/4, maps x_k straight to x_N:
+ends at x_N (``python -m distillbench.trajectories`` stores the pairs). A time-embedded NAFNet S_θ maps x_k
+straight to x_N, read through EDM's preconditioning with the teacher's σ_data (t = c_noise = ln(σ_k)/4):
 
-    stage one   min_θ E d(S_θ(x_k, t), x_N),   d = L1 for the first 5/6 of its iterations, then L2 (§3.4)
-    stage two   min_φ E ‖R_φ(S_θ(x_k, t), t) − x_N‖²,   θ frozen (§4.2: "restore texture details")
+    x̂_N = c_skip(σ_k)·x_k + c_out(σ_k)·S_θ(c_in(σ_k)·x_k, t, y)
+    stage one   min_θ E d(x̂_N, x_N),   d = L1 for the first 5/6 of its iterations, then L2 (§3.4)
+    stage two   min_φ E ‖R_φ(x̂_N, t, y) − x_N‖²,   θ frozen (§4.2: "restore texture details")
+
+The paper's student reads Stable Diffusion's variance-preserving latents, of unit scale at every step; an EDM
+state x_k = x + σ_k·n is σ_k times larger, so c_in scales it back and c_skip, c_out keep the target at unit
+scale (``preconditioning=false``: the raw x̂_N = S_θ(x_k, t, y)). y are the teacher's class labels, seen by a
+NAFNet with ``num_classes`` (the paper's text-conditioned student sees no prompt: ``num_classes: 0``).
 
 R_φ is a second NAFNet whose blocks sit in the shallow decoder layers; it starts as the identity. Each stage
 has its own Adam and a cosine annealing of its lr from ``lr`` to ``eta_min`` over its iterations.
 
-Sampling ("k + 1 steps"): the teacher's first k steps on the same N-step grid, then x̂ = R_φ(S_θ(x_k, t), t).
+Sampling ("k + 1 steps"): the teacher's first k steps on the same N-step grid, then x̂ = R_φ(x̂_N, t, y).
 NFE = k + 1: the refiner runs inside the student's one step, as in the paper's "7 + 1".
 """
 
@@ -30,7 +36,7 @@ from distillbench.methods.base import StagedDistillation, check_grad_clip
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import DPMSolverPP2MSampler, SampleResult
 from distillbench.samplers.trajectory import first_steps
-from distillbench.teachers.denoiser import Denoiser
+from distillbench.teachers.denoiser import Denoiser, as_sigma_batch, edm_coefficients
 
 
 # ---- the math ----------------------------------------------------------------------------------------------
@@ -58,8 +64,8 @@ def check_int(key: str, value, low: int, high: float = math.inf, fix: str = "") 
     return value
 
 
-def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...]) -> None:
-    """The NAFNet's channels match the teacher's samples and H, W divide by its down-sampling."""
+def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...], num_classes: int) -> None:
+    """The NAFNet's channels and classes match the teacher's, and H, W divide by its down-sampling."""
     if len(shape) != 3:
         raise ConfigError(f"direct distillation needs image samples (C, H, W), but the teacher makes {shape}")
     if net.in_channels != shape[0]:
@@ -72,6 +78,11 @@ def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...]) -> None:
             f"{key} has {net.levels} levels of down-sampling, so H and W must be multiples of "
             f"{net.multiple}, but the samples are {shape[1]}×{shape[2]}; use fewer levels in "
             f"{key}.enc_blocks/dec_blocks"
+        )
+    if net.num_classes not in (0, num_classes):
+        raise ConfigError(
+            f"{key}.num_classes={net.num_classes} but the teacher has {num_classes} classes; set "
+            f"{key}.num_classes={num_classes} (or 0 for a student that does not see the labels)"
         )
 
 
@@ -127,6 +138,7 @@ class DirectDistillation(StagedDistillation):
         eps: float = 1e-8,
         eta_min: float = 1e-7,
         grad_clip: float | None = None,
+        preconditioning: bool = True,
         trajectories: str | Path | None = None,
     ):
         super().__init__(teacher)
@@ -140,9 +152,9 @@ class DirectDistillation(StagedDistillation):
         )
         self.budgets = stage_budgets(iterations, refiner, refine_iterations)
         check_optimisation(l1_fraction, lr, eta_min, grad_clip)
-        check_net_fits("method.net", net, self.sample_shape)
+        check_net_fits("method.net", net, self.sample_shape, self.num_classes)
         if refiner is not None:
-            check_net_fits("method.refiner", refiner, self.sample_shape)
+            check_net_fits("method.refiner", refiner, self.sample_shape, self.num_classes)
         self.save_hyperparameters(ignore=["teacher", "net", "refiner", "student", "schedule"])
         self.net, self.refiner = net.train(), refiner
         self.sampler = DPMSolverPP2MSampler(steps=steps, schedule=schedule)
@@ -212,27 +224,34 @@ class DirectDistillation(StagedDistillation):
             self.check_trajectories(manifest, f"data.root={self.trainer.datamodule.root}")
 
     # ---- loss and optimisation -----------------------------------------------------------------------------
-    def direct(self, x_k: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x̂_N = R_φ(S_θ(x_k, t), t), or S_θ(x_k, t) without a refiner."""
-        t = time_input(sigma)
-        x = self.net(x_k, t)
-        return x if self.refiner is None else self.refiner(x, t)
+    def student(self, net: nn.Module, x_k: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+        """x̂_N = c_skip·x_k + c_out·S_θ(c_in·x_k, t, y) (or S_θ(x_k, t, y) without preconditioning)."""
+        if not self.hparams.preconditioning:
+            return net(x_k, time_input(sigma), labels)
+        c_skip, c_out, c_in, c_noise = edm_coefficients(as_sigma_batch(sigma, x_k), self.teacher.sigma_data)
+        return c_skip * x_k + c_out * net(c_in * x_k, c_noise.flatten(), labels)
 
-    def stage_loss(self, x_k: torch.Tensor, sigma: torch.Tensor, x_final: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss of the current stage: d(S_θ(x_k), x_N), or ‖R_φ(S_θ(x_k)) − x_N‖² with θ fixed."""
-        t = time_input(sigma)
+    def direct(self, x_k: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+        """R_φ(x̂_N, t, y), or x̂_N without a refiner."""
+        x = self.student(self.net, x_k, sigma, labels)
+        return x if self.refiner is None else self.refiner(x, time_input(sigma), labels)
+
+    def stage_loss(
+        self, x_k: torch.Tensor, sigma: torch.Tensor, x_final: torch.Tensor, labels
+    ) -> torch.Tensor:
+        """Per-sample loss of the current stage: d(x̂_N, x_N), or ‖R_φ(x̂_N) − x_N‖² with θ fixed."""
         if self.current_stage == 0:
-            return distance(self.synced("net")(x_k, t), x_final, self.loss_kind())
+            return distance(self.student(self.synced("net"), x_k, sigma, labels), x_final, self.loss_kind())
         with torch.no_grad():
-            student = self.net(x_k, t)
-        return distance(self.synced("refiner")(student, t), x_final, "l2")
+            student = self.student(self.net, x_k, sigma, labels)
+        return distance(self.synced("refiner")(student, time_input(sigma), labels), x_final, "l2")
 
     def training_step(self, batch, batch_idx):
         if self.stopped():
             return None
-        x_k, sigma, _, x_final, _ = batch
+        x_k, sigma, _, x_final, labels = batch
         kind, lr = self.loss_kind(), self.learning_rate()
-        loss = self.finite_mean(self.stage_loss(x_k, sigma, x_final))
+        loss = self.finite_mean(self.stage_loss(x_k, sigma, x_final, labels))
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         self.step_optimizer(optimizers[self.current_stage], loss, self.trained_net.parameters(), lr=lr,
@@ -265,7 +284,8 @@ class DirectDistillation(StagedDistillation):
             )
         prefix = first_steps(self.teacher, self.sampler, z, labels, k)
         sigma_k = torch.full((z.shape[0],), float(self.sigmas[k]), device=z.device)
-        x = self.direct(prefix.x.to(torch.float32), sigma_k)
+        labels = torch.full_like(sigma_k, -1, dtype=torch.long) if labels is None else labels
+        x = self.direct(prefix.x.to(torch.float32), sigma_k, labels)
         return SampleResult(x.to(z.dtype), prefix.nfe + 1)
 
     @torch.no_grad()

@@ -11,7 +11,10 @@ its only nonlinearity:
 β and γ are per-channel and start at zero, so every block starts as the identity. The time embedding
 e(t) = Linear(SimpleGate(Linear(sinusoid(t)))) (the paper: "a linear layer, the activation, another linear
 layer"; the activation a simple gate like everything else) reaches every block through that block's own
-Linear(e → 2c), a FiLM scale and shift of the normalised input: LN(x)·(1 + scale) + shift.
+Linear(e → 2c), a FiLM scale and shift of the normalised input: LN(x)·(1 + scale) + shift. With
+``num_classes`` > 0 a class embedding (zero at the start; the last row for unlabelled samples, label −1) is
+added to e(t), as diffusers' UNets add ``class_embedding`` to their time embedding: the student sees the
+labels that steered a class-conditional teacher's trajectory.
 
 The U-Net: 3×3 intro conv; per encoder level n blocks, then a 2×2 stride-2 conv doubling the channels; the
 middle blocks; per decoder level a bias-free 1×1 conv c → 2c with PixelShuffle(2) (→ c/2 channels), plus the
@@ -126,7 +129,8 @@ class BlockStack(nn.ModuleList):
 
 
 class NAFNet(nn.Module):
-    """``forward(x, t)``: the time-embedded NAFNet U-Net, x of shape (B, in_channels, H, W), t of shape (B,).
+    """``forward(x, t, labels)``: the time-embedded NAFNet U-Net, x of shape (B, in_channels, H, W), t and
+    labels (with ``num_classes``; −1 for unlabelled) of shape (B,).
 
     ``enc_blocks`` and ``dec_blocks`` (one count per level, the decoder's from the deepest level up) must be
     equally long; the channels are ``width``·2^level.
@@ -141,6 +145,7 @@ class NAFNet(nn.Module):
         dec_blocks: Sequence[int] = (1, 1, 1),
         time_dim: int = 128,
         time_scale: float = 1000.0,
+        num_classes: int = 0,
     ):
         super().__init__()
         if len(enc_blocks) != len(dec_blocks):
@@ -149,6 +154,10 @@ class NAFNet(nn.Module):
             )
         self.in_channels, self.levels = int(in_channels), len(enc_blocks)
         self.time = TimeEmbedding(time_dim, time_scale)
+        self.num_classes = int(num_classes)
+        if self.num_classes:
+            self.label = nn.Embedding(self.num_classes + 1, time_dim)  # row num_classes: unlabelled
+            nn.init.zeros_(self.label.weight)
         self.intro = nn.Conv2d(in_channels, width, 3, padding=1)
         channels = [width * 2**level for level in range(self.levels + 1)]
         self.encoders = nn.ModuleList(
@@ -172,8 +181,17 @@ class NAFNet(nn.Module):
         """H and W must be multiples of this (2^levels)."""
         return 2**self.levels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(t.expand(x.shape[0]))
+    def embedding(self, t: torch.Tensor, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """e(t), plus the labels' class embedding when the net has classes (label −1: unlabelled)."""
+        emb = self.time(t.expand(batch))
+        if not self.num_classes:
+            return emb
+        if labels is None:
+            raise ValueError(f"this NAFNet has num_classes={self.num_classes}: pass labels (−1: unlabelled)")
+        return emb + self.label(torch.where(labels < 0, self.num_classes, labels))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embedding(t, labels, x.shape[0])
         h = self.intro(x)
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):
