@@ -131,17 +131,23 @@ class BareProgressive:
 
 
 class BareDirect:
-    """One direct-distillation stage-one step: the NAFNet's L1 to the trajectory's end, and its update."""
+    """One direct-distillation stage-one step: the preconditioned NAFNet's L1 to the trajectory's end
+    (x̂ = c_skip·x_k + c_out·S(c_in·x_k, ln σ/4, y)), and its update."""
 
     def __init__(self, method):
         self.net = copy.deepcopy(method.net)
+        self.sd = method.teacher.sigma_data
         h = method.hparams
         self.opt = torch.optim.Adam(self.net.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
 
-    def loss(self, x_k, sigma, x_final) -> torch.Tensor:
-        return (self.net(x_k, sigma.float().log() / 4) - x_final).abs().flatten(1).mean(1).mean()
+    def loss(self, x_k, sigma, x_final, labels) -> torch.Tensor:
+        s, sd = column(sigma.float(), x_k), self.sd
+        norm = (s**2 + sd**2).sqrt()
+        c_skip, c_out, c_in = sd**2 / norm**2, s * sd / norm, 1 / norm
+        x_hat = c_skip * x_k + c_out * self.net(c_in * x_k, sigma.float().log() / 4, labels)
+        return (x_hat - x_final).abs().flatten(1).mean(1).mean()
 
-    def step(self, x_k, sigma, x_final) -> None:
+    def step(self, x_k, sigma, x_final, labels) -> None:
         self.opt.zero_grad(set_to_none=True)
-        self.loss(x_k, sigma, x_final).backward()
+        self.loss(x_k, sigma, x_final, labels).backward()
         self.opt.step()

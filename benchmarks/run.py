@@ -161,10 +161,10 @@ def bare_loop(name: str, run):
     batch = data.batch_size
 
     def step():
-        x_k, sigma, _, x_final, _ = default_collate(
+        x_k, sigma, _, x_final, labels = default_collate(
             [pairs[int(i)] for i in torch.randperm(len(pairs))[:batch]]
         )
-        bare.step(x_k, sigma, x_final)
+        bare.step(x_k, sigma, x_final, labels)
 
     return bare, step
 
@@ -204,10 +204,10 @@ def same_losses(name: str, run, bare) -> dict[str, float]:
             framework = method.distillation_loss(x, labels, torch.Generator().manual_seed(seed)).mean()
             ours = bare.loss(x, labels, torch.Generator().manual_seed(seed))
         return {"framework": float(framework), "bare": float(ours)}
-    x_k, sigma, _, x_final, _ = default_collate([run.datamodule.pairs("train")[i] for i in range(16)])
+    x_k, sigma, _, x_final, labels = default_collate([run.datamodule.pairs("train")[i] for i in range(16)])
     with torch.no_grad():
-        return {"framework": float(method.stage_loss(x_k, sigma, x_final).mean()),
-                "bare": float(bare.loss(x_k, sigma, x_final))}  # fmt: skip
+        return {"framework": float(method.stage_loss(x_k, sigma, x_final, labels).mean()),
+                "bare": float(bare.loss(x_k, sigma, x_final, labels))}  # fmt: skip
 
 
 def agree(losses: dict[str, float], rtol: float = 1e-5) -> bool:
