@@ -107,6 +107,18 @@ def test_the_class_embedding_starts_at_zero_and_separates_labels_once_trained():
         net(x, t)
 
 
+def test_dropout_acts_in_training_only_and_sampling_leaves_the_modes_as_they_were(digits_teacher):
+    method = direct(digits_teacher, k=2, net=tiny_nafnet(dropout=0.5), refiner=tiny_nafnet(dropout=0.5))
+    for name, p in method.net.named_parameters():
+        if name.endswith(("beta", "gamma")) or name.startswith("ending"):
+            torch.nn.init.normal_(p, std=0.5)
+    x, t = torch.randn(2, 1, 8, 8), torch.zeros(2)
+    assert not torch.equal(method.net(x, t), method.net(x, t)), "training mode: dropout"
+    z = fixed_noise(2, (1, 8, 8), seed=0)
+    assert torch.equal(method.sample(z), method.sample(z)), "sampling: no dropout"
+    assert method.net.training and method.refiner.training
+
+
 def test_preconditioning_reads_the_state_at_unit_scale_and_keeps_x_k_s_skip(digits_teacher):
     x_k, sigma, labels = 5 * torch.randn(3, 1, 8, 8), torch.tensor([5.0, 1.0, 0.2]), torch.tensor([0, 1, 2])
     seen = []

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,6 +55,20 @@ def distance(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch
 def cosine_lr(lr: float, eta_min: float, step: int, total: int) -> float:
     """Cosine annealing (Loshchilov & Hutter): η_min + (η − η_min)·(1 + cos(π·step/total))/2."""
     return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+
+
+@contextmanager
+def evaluating(*nets: nn.Module | None) -> Iterator[None]:
+    """The nets in eval mode (no dropout) for the block, then back in their previous modes."""
+    nets = [net for net in nets if net is not None]
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        yield
+    finally:
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
 
 
 # ---- configuration checks ----------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ class DirectDistillation(StagedDistillation):
         """Per-sample loss of the current stage: d(x̂_N, x_N), or ‖R_φ(x̂_N) − x_N‖² with θ fixed."""
         if self.current_stage == 0:
             return distance(self.student(self.synced("net"), x_k, sigma, labels), x_final, self.loss_kind())
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.net):
             student = self.student(self.net, x_k, sigma, labels)
         return distance(self.synced("refiner")(student, time_input(sigma), labels), x_final, "l2")
 
@@ -285,7 +300,8 @@ class DirectDistillation(StagedDistillation):
         prefix = first_steps(self.teacher, self.sampler, z, labels, k)
         sigma_k = torch.full((z.shape[0],), float(self.sigmas[k]), device=z.device)
         labels = torch.full_like(sigma_k, -1, dtype=torch.long) if labels is None else labels
-        x = self.direct(prefix.x.to(torch.float32), sigma_k, labels)
+        with evaluating(self.net, self.refiner):
+            x = self.direct(prefix.x.to(torch.float32), sigma_k, labels)
         return SampleResult(x.to(z.dtype), prefix.nfe + 1)
 
     @torch.no_grad()

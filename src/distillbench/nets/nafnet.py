@@ -4,8 +4,8 @@ Direct Distillation (Li & Zhang, §3.4; algorithms.md §7).
 A NAFBlock on c channels has no nonlinear activation; SimpleGate (split the channels in half, multiply) is
 its only nonlinearity:
 
-    spatial:  y = x + β·conv(SCA(SimpleGate(dwconv3×3(conv(FiLM_e(LN(x)))))))        (conv: 1×1, c → 2c → c)
-    ffn:      out = y + γ·conv(SimpleGate(conv(LN(y))))
+    spatial:  y = x + β·drop(conv(SCA(SimpleGate(dwconv3×3(conv(FiLM_e(LN(x))))))))  (conv: 1×1, c → 2c → c)
+    ffn:      out = y + γ·drop(conv(SimpleGate(conv(LN(y)))))
     SCA(u) = u · conv1×1(avgpool(u))                                       (simplified channel attention)
 
 β and γ are per-channel and start at zero, so every block starts as the identity. The time embedding
@@ -90,9 +90,10 @@ class TimeEmbedding(nn.Module):
 
 
 class NAFBlock(nn.Module):
-    """One NAFBlock on ``channels`` channels with a FiLM input from a ``time_dim`` embedding."""
+    """One NAFBlock on ``channels`` channels with a FiLM input from a ``time_dim`` embedding; ``dropout`` is
+    NAFNet's ``drop_out_rate`` at the end of both branches."""
 
-    def __init__(self, channels: int, time_dim: int):
+    def __init__(self, channels: int, time_dim: int, dropout: float = 0.0):
         super().__init__()
         c = channels
         self.time_film = nn.Linear(time_dim, 2 * c)
@@ -105,6 +106,7 @@ class NAFBlock(nn.Module):
         self.norm2 = LayerNorm2d(c)
         self.ffn_expand = nn.Conv2d(c, 2 * c, 1)
         self.ffn_project = nn.Conv2d(c, c, 1)
+        self.drop = nn.Dropout(dropout)
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
@@ -112,15 +114,15 @@ class NAFBlock(nn.Module):
         scale, shift = self.time_film(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.norm1(x) * (1 + scale) + shift
         h = self.project(self.attention(self.gate(self.depthwise(self.expand(h)))))
-        y = x + self.beta * h
-        return y + self.gamma * self.ffn_project(self.gate(self.ffn_expand(self.norm2(y))))
+        y = x + self.beta * self.drop(h)
+        return y + self.gamma * self.drop(self.ffn_project(self.gate(self.ffn_expand(self.norm2(y)))))
 
 
 class BlockStack(nn.ModuleList):
     """n NAFBlocks applied in turn, each given the same time embedding."""
 
-    def __init__(self, n: int, channels: int, time_dim: int):
-        super().__init__(NAFBlock(channels, time_dim) for _ in range(n))
+    def __init__(self, n: int, channels: int, time_dim: int, dropout: float = 0.0):
+        super().__init__(NAFBlock(channels, time_dim, dropout) for _ in range(n))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for block in self:
@@ -146,6 +148,7 @@ class NAFNet(nn.Module):
         time_dim: int = 128,
         time_scale: float = 1000.0,
         num_classes: int = 0,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if len(enc_blocks) != len(dec_blocks):
@@ -161,16 +164,16 @@ class NAFNet(nn.Module):
         self.intro = nn.Conv2d(in_channels, width, 3, padding=1)
         channels = [width * 2**level for level in range(self.levels + 1)]
         self.encoders = nn.ModuleList(
-            BlockStack(n, c, time_dim) for n, c in zip(enc_blocks, channels[:-1], strict=True)
+            BlockStack(n, c, time_dim, dropout) for n, c in zip(enc_blocks, channels[:-1], strict=True)
         )
         self.downs = nn.ModuleList(nn.Conv2d(c, 2 * c, 2, stride=2) for c in channels[:-1])
-        self.middle = BlockStack(middle_blocks, channels[-1], time_dim)
+        self.middle = BlockStack(middle_blocks, channels[-1], time_dim, dropout)
         up_channels = channels[::-1][:-1]  # the input channels of each up-sampling, deepest first
         self.ups = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)) for c in up_channels
         )
         self.decoders = nn.ModuleList(
-            BlockStack(n, c // 2, time_dim) for n, c in zip(dec_blocks, up_channels, strict=True)
+            BlockStack(n, c // 2, time_dim, dropout) for n, c in zip(dec_blocks, up_channels, strict=True)
         )
         self.ending = nn.Conv2d(width, in_channels, 3, padding=1)
         nn.init.zeros_(self.ending.weight)
