@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from distillbench.errors import ConfigError
-from distillbench.evaluate import COLUMNS, build, read_table, upsert_row
+from distillbench.evaluate import COLUMNS, build, noise_means, read_table, upsert_row
 from tests.test_cli import compose, run_cli, run_folder
 
 
@@ -78,6 +78,19 @@ def test_sweep_writes_the_fid_versus_nfe_table_and_figure(workspace, student_run
     assert len(markdown) == 2 + 3 and "teacher/toy2d/heun-2" in markdown[2]
     assert (sweep / "fid_vs_nfe.png").stat().st_size > 0
     assert (sweep / "precision_recall.png").stat().st_size > 0
+    assert len((sweep / "noise_means.md").read_text().splitlines()) == 2 + 3, "one noise seed: a row each"
+
+
+def test_noise_means_averages_each_model_over_its_noise_seeds():
+    teacher = "teacher/digits/dpmpp2m-20"
+    base = {"data": "digits", "extractor": "clf", "n": 2000, "precision": 0.9, "recall": 0.8,
+            "samples_per_second": 10.0}  # fmt: skip
+    cases = [(teacher, 20, 0, 0.4), (teacher, 20, 2, 0.6), ("run", 8, 0, 1.0)]
+    rows = [base | {"model": m, "nfe": nfe, "noise_seed": seed, "fid": fid} for m, nfe, seed, fid in cases]
+    lines = noise_means(pd.DataFrame(rows)).splitlines()
+    assert lines[0].startswith("| model | NFE | noise seeds | fid |") and len(lines) == 2 + 2
+    assert lines[2] == "| teacher/digits/dpmpp2m-20 | 20 | 0,2 | 0.5 ± 0.1 | 0.9 ± 0 | 0.8 ± 0 | 10 ± 0 |"
+    assert lines[3].startswith("| run | 8 | 0 | 1 ± 0 |")
 
 
 def test_a_schedule_other_than_karras_gets_its_own_teacher_row(workspace, tmp_path):
@@ -96,6 +109,13 @@ def test_direct_vs_teacher_experiment_crosses_steps_with_both_schedules_and_re_m
     cfg = compose("evaluate", ["experiment=direct_vs_teacher"])
     params = cfg.hydra.sweeper.params
     assert params["sampler.steps"] == "20,8" and params["schedule@sampler.schedule"] == "karras,improved"
+    assert cfg.sampler._target_.endswith("DPMSolverPP2MSampler") and cfg.force is True
+
+
+def test_direct_noise_seeds_experiment_crosses_both_step_counts_with_five_held_out_noise_sets():
+    cfg = compose("evaluate", ["experiment=direct_noise_seeds"])
+    params = cfg.hydra.sweeper.params
+    assert params["sampler.steps"] == "20,8" and params["noise_seed"] == "0,2,3,4,5", "not 1: the pairs'"
     assert cfg.sampler._target_.endswith("DPMSolverPP2MSampler") and cfg.force is True
 
 

@@ -338,16 +338,34 @@ def plot_precision_recall(table: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-REPORT_FILES = ("results.csv", "results.md", "fid_vs_nfe.png", "precision_recall.png")
+REPORT_FILES = ("results.csv", "results.md", "noise_means.md", "fid_vs_nfe.png", "precision_recall.png")
+SPREAD = ("fid", "precision", "recall", "samples_per_second")  # noise_means.md: mean ± std of these
+
+
+def noise_means(table: pd.DataFrame) -> str:
+    """A markdown table of each model's mean ± std over the sweep's evaluation noise seeds.
+
+    FID at a few thousand samples moves with the noise set more than the gaps between close models, so
+    comparisons are made on means over several noise seeds (``-m noise_seed=0,2,3``).
+    """
+    groups = table.groupby(["model", "data", "extractor", "n", "nfe"], sort=False)
+    lines = ["| model | NFE | noise seeds | " + " | ".join(SPREAD) + " |", "|" + "---|" * (3 + len(SPREAD))]
+    for (model, _, _, _, nfe), rows in groups:
+        seeds = ",".join(str(seed) for seed in sorted(rows["noise_seed"]))
+        figures = [f"{rows[c].mean():.4g} ± {rows[c].std(ddof=0):.2g}" for c in SPREAD]
+        lines.append(f"| {model} | {nfe} | {seeds} | " + " | ".join(figures) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_sweep_report(sweep_dir: str | Path) -> pd.DataFrame:
-    """``REPORT_FILES`` in the sweep folder: the table, FID against NFE, precision against recall."""
+    """``REPORT_FILES`` in the sweep folder: the table, its means over noise seeds, FID against NFE,
+    precision against recall."""
     sweep_dir = Path(sweep_dir)
     table = gather_sweep(sweep_dir)
     with atomic_writer(sweep_dir / "results.csv") as tmp:
         table.to_csv(tmp, index=False)
     atomic_write_text(sweep_dir / "results.md", markdown_table(table))
+    atomic_write_text(sweep_dir / "noise_means.md", noise_means(table))
     plot_fid_vs_nfe(table, sweep_dir / "fid_vs_nfe.png")
     plot_precision_recall(table, sweep_dir / "precision_recall.png")
     return table
