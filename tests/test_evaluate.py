@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from distillbench.errors import ConfigError
 from distillbench.evaluate import COLUMNS, build, noise_means, read_table, upsert_row
+from distillbench.runs import LATER_COUNTERS, load_run
 from tests.test_cli import compose, run_cli, run_folder
 
 
@@ -48,6 +51,20 @@ def test_student_run_adds_a_row_that_matches_training_evaluation(workspace, stud
     for name in ["config.yaml", "samples.png", "summary.json"]:
         assert (folder / name).is_file(), name
     assert json.loads((folder / "summary.json").read_text())["fid"] == pytest.approx(row["fid"])
+
+
+def test_a_checkpoint_older_than_the_counters_loads_with_them_at_zero_and_a_warning(student_run, tmp_path):
+    folder = tmp_path / "old_run"
+    shutil.copytree(student_run, folder, ignore=shutil.ignore_patterns("*.sha256"))
+    for ckpt in (folder / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()
+    checkpoint = torch.load(student_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    for key in LATER_COUNTERS:
+        del checkpoint["state_dict"][key]
+    torch.save(checkpoint, folder / "checkpoints/last.ckpt")
+    with pytest.warns(UserWarning, match=r"predates the counters \['batches_trained', 'tfe', 'train_se"):
+        _, method, _ = load_run(folder)
+    assert float(method.tfe) == 0 and int(method.gen_steps) == 2, "the rest of the state is the checkpoint's"
 
 
 def test_teacher_row_has_the_sampler_nfe_and_is_reused(workspace, tmp_path):

@@ -7,6 +7,7 @@ teacher and method from the config, then loads the checkpoint into the method, o
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import hydra
@@ -65,6 +66,19 @@ def run_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
+#: counters every method gained after its first checkpoints (issues 8 and 10): older checkpoints lack them
+LATER_COUNTERS = ("batches_trained", "tfe", "train_seconds")
+
+
+def with_later_counters(method: L.LightningModule, state: dict, checkpoint: Path) -> dict:
+    """``state`` plus the fresh method's zero counters it predates, with a warning naming them."""
+    fresh = method.state_dict()
+    missing = [key for key in LATER_COUNTERS if key in fresh and key not in state]
+    if missing:
+        warnings.warn(f"{checkpoint} predates the counters {missing}; they read 0", stacklevel=2)
+    return state | {key: fresh[key] for key in missing}
+
+
 def load_run(path: str | Path) -> tuple[DictConfig, L.LightningModule, object]:
     """(config, method with the checkpoint's weights in eval mode, data module) of a training run.
 
@@ -79,5 +93,5 @@ def load_run(path: str | Path) -> tuple[DictConfig, L.LightningModule, object]:
     student = hydra.utils.instantiate(cfg.student) if cfg.get("student") else None
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    method.load_state_dict(state)
+    method.load_state_dict(with_later_counters(method, state, checkpoint))
     return cfg, method.eval(), datamodule
