@@ -113,6 +113,7 @@ def compose(config_name: str, overrides: list[str]):
 EVALUATE_EXPERIMENTS = {
     "fid_vs_nfe",
     "direct_vs_teacher",
+    "direct_noise_seeds",
 }  # experiments of `python -m distillbench.evaluate`; the rest train
 
 
