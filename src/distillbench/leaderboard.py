@@ -152,17 +152,28 @@ def sampler_cell(out_dir: Path, sampler: str, steps: int) -> Path:
     return out_dir / "teacher" / f"{sampler}-{steps}"
 
 
-def cells(suite: DictConfig, out_dir: Path):
-    """(label, module, folder, overrides) of every cell, training cells first."""
+def training_cells(suite: DictConfig, out_dir: Path):
+    """(method name, seed, folder) of every training cell."""
     for name in suite.methods:
         for seed in suite.seeds:
-            yield (f"{name} seed {seed}", "distillbench.train", training_cell(out_dir, name, seed),
-                   train_overrides(suite, name, seed, out_dir))  # fmt: skip
+            yield name, seed, training_cell(out_dir, name, seed)
+
+
+def sampler_cells(suite: DictConfig, out_dir: Path):
+    """(sampler, steps, folder) of every teacher-sampler cell."""
     for sampler, counts in (suite.teacher_samplers or {}).items():
         for steps in counts:
-            folder = sampler_cell(out_dir, sampler, steps)
-            overrides = teacher_overrides(suite, sampler, steps, out_dir)
-            yield f"teacher {sampler}-{steps}", "distillbench.evaluate", folder, overrides
+            yield sampler, steps, sampler_cell(out_dir, sampler, steps)
+
+
+def cells(suite: DictConfig, out_dir: Path):
+    """(label, module, folder, overrides) of every cell, training cells first."""
+    for name, seed, folder in training_cells(suite, out_dir):
+        yield (f"{name} seed {seed}", "distillbench.train", folder,
+               train_overrides(suite, name, seed, out_dir))  # fmt: skip
+    for sampler, steps, folder in sampler_cells(suite, out_dir):
+        overrides = teacher_overrides(suite, sampler, steps, out_dir)
+        yield f"teacher {sampler}-{steps}", "distillbench.evaluate", folder, overrides
 
 
 def make_trajectories(suite: DictConfig, out_dir: Path, threads) -> None:
@@ -216,18 +227,14 @@ def teacher_row(sampler: str, steps: int, folder: Path) -> dict:
 def collect(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     """One row per cell, after checking the cells compare."""
     rows, records, budgets = [], {}, {}
-    for name in suite.methods:
-        for seed in suite.seeds:
-            folder = training_cell(out_dir, name, seed)
-            cfg = cell_config(folder)
-            label = f"{name} seed {seed}"
-            records[label], budgets[label] = fairness_record(cfg, True), cfg.budget_tfe
-            rows.append(student_row(name, seed, folder))
-    for sampler, counts in (suite.teacher_samplers or {}).items():
-        for steps in counts:
-            folder = sampler_cell(out_dir, sampler, steps)
-            records[f"teacher {sampler}-{steps}"] = fairness_record(cell_config(folder), False)
-            rows.append(teacher_row(sampler, steps, folder))
+    for name, seed, folder in training_cells(suite, out_dir):
+        cfg = cell_config(folder)
+        label = f"{name} seed {seed}"
+        records[label], budgets[label] = fairness_record(cfg, True), cfg.budget_tfe
+        rows.append(student_row(name, seed, folder))
+    for sampler, steps, folder in sampler_cells(suite, out_dir):
+        records[f"teacher {sampler}-{steps}"] = fairness_record(cell_config(folder), False)
+        rows.append(teacher_row(sampler, steps, folder))
     check_fair(records, budgets)
     return pd.DataFrame(rows).astype({"seed": "Int64"})
 
@@ -265,14 +272,11 @@ def markdown(summary: pd.DataFrame, suite: DictConfig, header: dict) -> str:
 
 def curves(suite: DictConfig, out_dir: Path) -> dict[str, pd.DataFrame]:
     """Each method's FID against the compute spent, one frame per seed (from the cells' eval.csv)."""
-    found = {}
-    for name in suite.methods:
-        frames = []
-        for seed in suite.seeds:
-            frame = pd.read_csv(training_cell(out_dir, name, seed) / EVAL_FILE)
-            fid = metric_column(frame, "fid")
-            frames.append(frame[["tfe", fid]].rename(columns={fid: "fid"}))
-        found[name] = frames
+    found = {name: [] for name in suite.methods}
+    for name, _, folder in training_cells(suite, out_dir):
+        frame = pd.read_csv(folder / EVAL_FILE)
+        fid = metric_column(frame, "fid")
+        found[name].append(frame[["tfe", fid]].rename(columns={fid: "fid"}))
     return found
 
 
