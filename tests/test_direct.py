@@ -133,6 +133,13 @@ def test_preconditioning_reads_the_state_at_unit_scale_and_keeps_x_k_s_skip(digi
     assert torch.equal(raw.student(net, x_k, sigma, labels), x_k), "the paper's raw form: S_θ(x_k)"
 
 
+def test_the_config_preconditions_and_a_config_from_before_the_key_builds_the_raw_student(digits_teacher):
+    cfg = OmegaConf.load(ROOT / "conf/method/direct.yaml")
+    assert cfg.preconditioning is True
+    old = DirectDistillation(digits_teacher, tiny_nafnet(), None, steps=STEPS, k=2, refine_iterations=0)
+    assert old.hparams.preconditioning is False, "a run trained before the key used the raw S_θ(x_k)"
+
+
 def test_block_parameter_count_is_nafnet_s_plus_the_time_film():
     c, time_dim = 24, 16
     assert (
@@ -361,7 +368,7 @@ def test_data_module_refuses_missing_empty_incomplete_or_misshapen_shards(tmp_pa
 # ---- the method --------------------------------------------------------------------------------------------
 def direct(teacher, **kw) -> DirectDistillation:
     settings = {"net": tiny_nafnet(), "refiner": tiny_nafnet(), "steps": STEPS, "k": 2, "schedule": karras,
-                "iterations": 6, "refine_iterations": 2, "lr": 1e-2}  # fmt: skip
+                "iterations": 6, "refine_iterations": 2, "lr": 1e-2, "preconditioning": True}  # fmt: skip
     return DirectDistillation(teacher, **(settings | kw))
 
 

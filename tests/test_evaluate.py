@@ -9,11 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from distillbench.errors import ConfigError
 from distillbench.evaluate import COLUMNS, build, noise_means, read_table, upsert_row
-from distillbench.runs import LATER_COUNTERS, load_run, with_earlier_defaults
+from distillbench.runs import LATER_COUNTERS, load_run
 from tests.test_cli import compose, run_cli, run_folder
 
 
@@ -66,15 +65,6 @@ def test_a_checkpoint_older_than_the_counters_loads_with_them_at_zero_and_a_warn
     with pytest.warns(UserWarning, match=r"predates the counters \['batches_trained', 'tfe', 'train_se"):
         _, method, _ = load_run(folder)
     assert float(method.tfe) == 0 and int(method.gen_steps) == 2, "the rest of the state is the checkpoint's"
-
-
-def test_a_direct_run_from_before_preconditioning_is_read_as_it_was_trained():
-    old = OmegaConf.create({"method": {"_target_": "distillbench.methods.direct.DirectDistillation", "k": 7}})
-    assert with_earlier_defaults(old).method.preconditioning is False
-    new = OmegaConf.create({"method": {"_target_": "x.DirectDistillation", "preconditioning": True}})
-    assert with_earlier_defaults(new).method.preconditioning is True
-    other = OmegaConf.create({"method": {"_target_": "distillbench.methods.sim.SIM"}})
-    assert "preconditioning" not in with_earlier_defaults(other).method
 
 
 def test_teacher_row_has_the_sampler_nfe_and_is_reused(workspace, tmp_path):

@@ -63,14 +63,6 @@ def run_config(run_dir: Path) -> DictConfig:
     missing = [key for key in ("data", "teacher", "method") if key not in cfg]
     if missing:
         raise ConfigError(f"{run_dir / CONFIG_FILE} is not a training run's config: it lacks {missing}")
-    return with_earlier_defaults(cfg)
-
-
-def with_earlier_defaults(cfg: DictConfig) -> DictConfig:
-    """A direct-distillation run from before ``method.preconditioning`` trained the raw S_θ(x_k): keep it."""
-    direct = str(cfg.method.get("_target_", "")).endswith("DirectDistillation")
-    if direct and "preconditioning" not in cfg.method:
-        cfg.method.preconditioning = False
     return cfg
 
 

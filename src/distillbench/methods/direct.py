@@ -10,8 +10,10 @@ straight to x_N, read through EDM's preconditioning with the teacher's σ_data (
 
 The paper's student reads Stable Diffusion's variance-preserving latents, of unit scale at every step; an EDM
 state x_k = x + σ_k·n is σ_k times larger, so c_in scales it back and c_skip, c_out keep the target at unit
-scale (``preconditioning=false``: the raw x̂_N = S_θ(x_k, t, y)). y are the teacher's class labels, seen by a
-NAFNet with ``num_classes`` (the paper's text-conditioned student sees no prompt: ``num_classes: 0``).
+scale. ``conf/method/direct.yaml`` turns it on; the class default, ``preconditioning=False``, is the raw
+x̂_N = S_θ(x_k, t, y), so a run whose config predates the key (evaluated or resumed) stays as it was
+trained. y are the teacher's class labels, seen by a NAFNet with ``num_classes`` (the paper's
+text-conditioned student sees no prompt: ``num_classes: 0``).
 
 R_φ is a second NAFNet whose blocks sit in the shallow decoder layers; it starts as the identity. Each stage
 has its own Adam and a cosine annealing of its lr from ``lr`` to ``eta_min`` over its iterations.
@@ -153,7 +155,7 @@ class DirectDistillation(StagedDistillation):
         eps: float = 1e-8,
         eta_min: float = 1e-7,
         grad_clip: float | None = None,
-        preconditioning: bool = True,
+        preconditioning: bool = False,
         trajectories: str | Path | None = None,
     ):
         super().__init__(teacher)
