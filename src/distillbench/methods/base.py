@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
@@ -72,6 +74,20 @@ def check_same_shape(student: Denoiser, teacher: Denoiser) -> None:
             f"the student makes samples of shape {tuple(student.sample_shape)} but the teacher "
             f"{tuple(teacher.sample_shape)}; pick a student= that matches the data"
         )
+
+
+@contextmanager
+def evaluating(*nets: torch.nn.Module | None) -> Iterator[None]:
+    """The nets in eval mode (no dropout) for the block, then back in their previous modes."""
+    nets = [net for net in nets if net is not None]
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        yield
+    finally:
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
 
 
 def forward_equivalents(forwards: float, backwards: float, parameters: int, teacher_parameters: int) -> float:
@@ -411,10 +427,8 @@ class ScoreDistillation(DistillationMethod):
     def fake_score_loss(self, labels, index: int = 0) -> torch.Tensor:
         """ψ-step: the EDM denoising loss of the fake score on detached generator samples (SiD §3.1)."""
         z = self.draw("fake", index)
-        self.generator.eval()
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.generator):
             x_g = self.generate(z, labels)
-        self.generator.train()
         return edm_loss(self.synced("fake"), x_g, labels, normal=lambda shape: self.randn(*shape)).flatten()
 
     def training_step(self, batch, batch_idx):

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
-from distillbench.methods.base import StagedDistillation, check_grad_clip
+from distillbench.methods.base import StagedDistillation, check_grad_clip, evaluating
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import DPMSolverPP2MSampler, SampleResult
 from distillbench.samplers.trajectory import first_steps
@@ -57,20 +56,6 @@ def distance(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch
 def cosine_lr(lr: float, eta_min: float, step: int, total: int) -> float:
     """Cosine annealing (Loshchilov & Hutter): η_min + (η − η_min)·(1 + cos(π·step/total))/2."""
     return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
-
-
-@contextmanager
-def evaluating(*nets: nn.Module | None) -> Iterator[None]:
-    """The nets in eval mode (no dropout) for the block, then back in their previous modes."""
-    nets = [net for net in nets if net is not None]
-    modes = [net.training for net in nets]
-    for net in nets:
-        net.eval()
-    try:
-        yield
-    finally:
-        for net, mode in zip(nets, modes, strict=True):
-            net.train(mode)
 
 
 # ---- configuration checks ----------------------------------------------------------------------------------

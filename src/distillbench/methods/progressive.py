@@ -33,7 +33,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from distillbench.errors import ConfigError
-from distillbench.methods.base import StagedDistillation, check_grad_clip, check_same_shape, choice
+from distillbench.methods.base import (
+    StagedDistillation,
+    check_grad_clip,
+    check_same_shape,
+    choice,
+    evaluating,
+)
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
 from distillbench.teachers.denoiser import Denoiser, freeze
@@ -240,8 +246,5 @@ class ProgressiveDistillation(StagedDistillation):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels=None, steps: int | None = None) -> torch.Tensor:
         """Deterministic samples of the student on its grid, at the current (or given) step count."""
-        was_training = self.student.training
-        self.student.eval()
-        x = self.sampler(steps).sample(self.student, z, labels).x
-        self.student.train(was_training)
-        return x
+        with evaluating(self.student):
+            return self.sampler(steps).sample(self.student, z, labels).x
