@@ -139,7 +139,7 @@ def test_launch_ids_name_the_run_folder_only_for_launchers_that_start_the_ranks(
         monkeypatch.delenv(key, raising=False)
     assert launch_id("2026-01-01_00-00-00") == "2026-01-01_00-00-00"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --standalone or --rdzv-id
-    assert launch_id("t") == "t"
+    assert launch_id("t").startswith("torchrun-") and launch_id("t").endswith(f"-{os.getppid()}")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     assert launch_id("t") == "torchrun-abc"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")

@@ -11,7 +11,8 @@ from omegaconf import open_dict
 
 from distillbench.errors import ConfigError
 from distillbench.teachers.checkpoint import check_teacher_fits
-from distillbench.validation import check_writable, validate_train_config
+from distillbench.utils.runs import check_writable
+from distillbench.validation import validate_train_config
 from tests.test_cli import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli
 
 # (overrides, "<key>=<bad value>" that the message names, a piece of the allowed range or choices)

@@ -14,9 +14,10 @@ from omegaconf import DictConfig
 
 from distillbench.config import CONFIG_DIR
 from distillbench.metrics.classifier_training import save_classifier, train_classifier
-from distillbench.utils.runs import output_dir, task, write_config, write_summary
+from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classifier")
 @task
 def main(cfg: DictConfig) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -44,14 +46,25 @@ def run_name() -> str | None:
     return ",".join(own) or None
 
 
+@cache
+def run_id() -> str:
+    """This process's run-folder name: its start time to the second and six random hex digits, so that two
+    runs started in the same second never share a folder. Computed once: Hydra resolves the folder more
+    than once, and every resolution must name the same one."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+
+
 def launch_id(default: str) -> str:
     """A run folder's name that every rank agrees on: the launch's id when a launcher started the ranks
     (torchrun: ``TORCHELASTIC_RUN_ID``; a multi-task SLURM step: job and step id, also after a requeue),
-    else ``default`` (the start time). Plain torchrun without ``--standalone`` or ``--rdzv-id`` has the id
-    ``none``, so it gets the start time too: give such launches ``hydra.run.dir``."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id != "none":
-        return f"torchrun-{run_id}"
+    else ``default`` (:func:`run_id`). Plain torchrun without ``--standalone`` or ``--rdzv-id`` has the id
+    ``none``: its ranks on one node share their parent, the torchrun agent, whose process id names the
+    folder (a multi-node launch of that kind needs ``hydra.run.dir``)."""
+    launch = os.environ.get("TORCHELASTIC_RUN_ID")
+    if launch == "none":
+        return f"torchrun-{datetime.now():%Y-%m-%d}-{os.getppid()}"
+    if launch is not None:
+        return f"torchrun-{launch}"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', 0)}"
     return default
@@ -73,13 +86,15 @@ def hydra_subdir(resume) -> str:
 
 
 def register_resolvers() -> None:
-    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B; ``launch_id``;
+    """``${distillbench.assets:}`` → the shipped assets; ``run_group``/``run_name`` for W&B; ``run_id`` and
+    ``launch_id`` for folder names;
     ``resume_dir`` and ``hydra_subdir`` for ``resume``."""
     resolvers = {
         "distillbench.assets": lambda: str(ASSETS_DIR),
         "distillbench.run_group": run_group,
         "distillbench.run_name": run_name,
         "distillbench.launch_id": launch_id,
+        "distillbench.run_id": run_id,
         "distillbench.resume_dir": resume_dir,
         "distillbench.hydra_subdir": hydra_subdir,
     }

@@ -37,6 +37,7 @@ from distillbench.samplers.generate import StudentSampler, generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_write_text, atomic_writer
 from distillbench.utils.runs import (
+    cli,
     hydra_choice,
     output_dir,
     require_at_least_one,
@@ -237,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return row
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 @task
 def main(cfg: DictConfig) -> None:

@@ -30,7 +30,7 @@ from distillbench.methods import SIM, DiffInstruct, SiD
 from distillbench.teachers.checkpoint import count_parameters
 from distillbench.teachers.denoiser import EDMDenoiser
 from distillbench.utils.io import atomic_write_json, atomic_write_text
-from distillbench.utils.runs import require_at_least_one, task
+from distillbench.utils.runs import cli, require_at_least_one, task
 
 METHODS = {"sim": SIM, "sid": SiD, "di": DiffInstruct}
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -155,6 +155,7 @@ def gpu_check(cfg: DictConfig) -> dict:
     return result
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="gpu_check")
 @task
 def main(cfg: DictConfig) -> None:

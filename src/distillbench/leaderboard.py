@@ -44,7 +44,7 @@ from distillbench.errors import ConfigError
 from distillbench.evaluate import display_path, save_figure
 from distillbench.sweeps import EVAL_FILE, metric_column, metric_kind
 from distillbench.utils.io import atomic_write_json, atomic_write_text, atomic_writer
-from distillbench.utils.runs import task
+from distillbench.utils.runs import cli, task
 
 #: settings the suite fixes for every cell (fairness); a method's overrides may not set them
 FIXED_KEYS = ("teacher", "metrics", "eval", "budget_tfe", "seed", "hydra")
@@ -388,6 +388,7 @@ def leaderboard(cfg: DictConfig) -> pd.DataFrame:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="leaderboard")
 @task
 def main(cfg: DictConfig) -> None:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillbench.callbacks.checkpoints import KEY
 from distillbench.errors import ConfigError
+from distillbench.sweeps import EVAL_FILE
 from distillbench.utils.checkpoints import newest_good_checkpoint
 from distillbench.utils.io import atomic_write_text
 from distillbench.utils.logging import WANDB_ID_FILE, truncate_rows
@@ -72,8 +73,30 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
             f"{', '.join(CHANGEABLE_ON_RESUME)}). Start a new run instead"
         )
     for key in given:
-        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+        value = OmegaConf.select(cfg, key)
+        OmegaConf.update(saved, key, value, merge=False)
+        for derived in derived_keys(folder, key):  # config.yaml is resolved: ``${optim.lr}`` reads as a value
+            OmegaConf.update(saved, derived, value, merge=False)
     return saved
+
+
+def derived_keys(folder: Path, key: str) -> list[str]:
+    """The keys that the run's composed config (Hydra's unresolved record) sets to exactly ``${key}``, such as
+    ``method.lr: ${optim.lr}``."""
+    record = folder / ".hydra" / "config.yaml"
+    if not record.is_file():
+        return []
+    found = []
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for name, child in node.items():
+                walk(child, f"{path}.{name}" if path else str(name))
+        elif node == f"${{{key}}}":
+            found.append(path)
+
+    walk(OmegaConf.to_container(OmegaConf.load(record), resolve=False), "")
+    return found
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path, dict]:
@@ -95,8 +118,13 @@ def check_same_run(checkpoint: dict, run: dict) -> None:
 
 
 def restore_run_files(folder: Path, checkpoint: dict) -> None:
-    """Cut ``metrics.csv`` back to the checkpoint's rows and put back a lost W&B run id."""
+    """Cut ``metrics.csv`` back to the checkpoint's rows and put back a lost W&B run id. Without a
+    checkpoint the run starts again: its tables and its W&B run id (W&B refuses steps that go back) go."""
     saved = checkpoint.get(KEY, {})
+    if not checkpoint:
+        for name in ("metrics.csv", EVAL_FILE, WANDB_ID_FILE):
+            (folder / name).unlink(missing_ok=True)
+        return
     if saved.get("csv_rows") is not None:
         truncate_rows(folder / "metrics.csv", int(saved["csv_rows"]))
     wandb_id = folder / WANDB_ID_FILE

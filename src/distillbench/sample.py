@@ -16,12 +16,14 @@ from omegaconf import DictConfig
 from distillbench.config import CONFIG_DIR
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
-from distillbench.utils.runs import output_dir, task, write_config, write_summary
+from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
 from distillbench.utils.tables import print_summary
+from distillbench.validation import validate_sample_config
 
 
 def build(cfg: DictConfig):
     """Instantiate data, teacher and sampler; every bad-input check happens here, before any work."""
+    validate_sample_config(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.arrays("train")  # missing data or packages fail here, first
     teacher = hydra.utils.instantiate(cfg.teacher, datamodule=datamodule)
@@ -57,6 +59,7 @@ def sample(cfg: DictConfig) -> dict:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 @task
 def main(cfg: DictConfig) -> None:

@@ -13,7 +13,7 @@ from distillbench.distributed import slurm_plugins
 from distillbench.teachers.checkpoint import count_parameters, save_teacher
 from distillbench.teachers.denoiser import EDMDenoiser
 from distillbench.utils.logging import instantiate_loggers
-from distillbench.utils.runs import output_dir, task, write_config, write_summary
+from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
 
 
 def denoiser_spec(cfg: DictConfig, datamodule) -> dict:
@@ -53,6 +53,7 @@ def train_teacher(cfg: DictConfig) -> dict:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="teacher")
 @task
 def main(cfg: DictConfig) -> None:

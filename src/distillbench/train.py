@@ -37,14 +37,14 @@ from distillbench.resume import check_same_run, checkpoint_to_resume, restore_ru
 from distillbench.samplers.generate import generate
 from distillbench.sweeps import AXES
 from distillbench.teachers.checkpoint import check_teacher_fits
-from distillbench.utils.checkpoints import AtomicCheckpointIO
+from distillbench.utils.checkpoints import AtomicCheckpointIO, checkpoint_files, remove_orphans
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
 from distillbench.utils.logging import instantiate_loggers
 from distillbench.utils.plots import plot_curves
-from distillbench.utils.runs import output_dir, task, write_config, write_summary
+from distillbench.utils.runs import check_writable, cli, output_dir, task, write_config, write_summary
 from distillbench.utils.tables import print_comparison
-from distillbench.validation import check_writable, validate_train_config
+from distillbench.validation import validate_train_config
 
 
 def run_facts(cfg: DictConfig, teacher) -> dict:
@@ -109,7 +109,7 @@ def build(cfg: DictConfig) -> Run:
     else:
         callbacks = [evaluation, KimgBudget(cfg.distill.duration_kimg)]
     ckpt_path = resume_point(cfg, teacher)  # before the loggers: it may restore the W&B run id
-    guard = NonFiniteGuard(cfg.max_bad_steps)
+    guard = NonFiniteGuard(cfg.max_bad_steps, output_dir(cfg) / "checkpoints")
     checkpoints = RunCheckpoints(output_dir(cfg) / "checkpoints", cfg.checkpoint.every_kimg,
                                  cfg.checkpoint.keep, run_facts(cfg, teacher), guard)  # fmt: skip
     trainer = hydra.utils.instantiate(
@@ -123,13 +123,23 @@ def build(cfg: DictConfig) -> Run:
 
 def resume_point(cfg: DictConfig, teacher) -> str | None:
     """On resume: the checkpoint to continue from, after checking it belongs to this run and cutting the
-    run's files back to it; else None."""
+    run's files back to it; None for a new run, and for a run killed before its first checkpoint, which
+    starts again from the beginning in its own folder."""
     if not resumed(cfg.resume):
+        return None
+    folder = output_dir(cfg)
+    if is_rank_zero():
+        remove_orphans(folder / "checkpoints")
+        remove_orphans(folder)
+    if not checkpoint_files(folder / "checkpoints"):
+        if is_rank_zero():
+            restore_run_files(folder, {})
+        print(f"resuming {folder}: it has no checkpoint yet, so it starts again from the beginning")
         return None
     path, checkpoint = checkpoint_to_resume(cfg)
     check_same_run(checkpoint, run_facts(cfg, teacher))
     if is_rank_zero():
-        restore_run_files(output_dir(cfg), checkpoint)
+        restore_run_files(folder, checkpoint)
     print(f"resuming from {path} (generator step {int(checkpoint['state_dict']['gen_steps'])})")
     return str(path)
 
@@ -208,6 +218,7 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @task
 def main(cfg: DictConfig) -> None:

@@ -39,7 +39,7 @@ from distillbench.samplers.solvers import DPMSolverPP2MSampler
 from distillbench.samplers.trajectory import trajectory
 from distillbench.teachers.denoiser import Denoiser
 from distillbench.utils.io import atomic_write_json, atomic_writer
-from distillbench.utils.runs import resolve_device, task, write_config, write_summary
+from distillbench.utils.runs import cli, resolve_device, task, write_config, write_summary
 from distillbench.utils.tables import print_summary
 
 MANIFEST = "manifest.json"
@@ -274,6 +274,7 @@ def write_trajectories(cfg: DictConfig) -> dict:
     return summary
 
 
+@cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="trajectories")
 @task
 def main(cfg: DictConfig) -> None:

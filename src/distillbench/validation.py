@@ -10,11 +10,8 @@ the config lacks are skipped), then the checks that tie keys together. The first
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -233,11 +230,8 @@ def method_name(cfg: DictConfig) -> str:
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise a :class:`ConfigError` on the first bad setting of a composed ``train`` config."""
     name = method_name(cfg)
-    rules = {**SETTINGS, **{f"method.{key}": rule for key, rule in METHODS.get(name, {}).items()}}
-    for key, rule in rules.items():
-        value = lookup(cfg, key)
-        if value is not ABSENT:
-            check(key, value, rule)
+    own = {f"method.{key}": rule for key, rule in METHODS.get(name, {}).items()}
+    validate_settings(cfg, {**SETTINGS, **own})
     check_batch_divides(cfg)
     if lookup(cfg, "eval.curve_points") not in (None, ABSENT) and lookup(cfg, "budget_tfe") in (None, ABSENT):
         raise ConfigError(
@@ -326,29 +320,51 @@ CROSS_CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
 }
 
 
-# ---- the output folder and the teacher ---------------------------------------------------------------------
-def check_writable(path: str | Path, key: str = "paths.output_dir") -> None:
-    """Create ``path`` if needed and write and remove a file in it; a :class:`ConfigError` if that fails."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_check_")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ConfigError(
-            f"{key}={str(path)!r} must be a writable folder ({err.strerror or err}); pass "
-            "hydra.run.dir=<a writable folder> (hydra.sweep.dir=... under -m)"
-        ) from None
+#: the settings of ``python -m distillbench.sample``
+SAMPLE_SETTINGS: dict[str, Rule] = {
+    "seed": integer(ge=0, le=2**32 - 1),
+    "threads": optional(integer(ge=1)),
+    "n": integer(ge=1),
+    "batch_size": integer(ge=1),
+    "noise_seed": integer(ge=0),
+    "grid_size": integer(ge=0),
+    "evaluate": boolean,
+    "sampler.steps": integer(ge=1),
+    **{f"sampler.{key}": rule for key, rule in SCHEDULE.items()},
+}
+
+
+def validate_settings(cfg: DictConfig, rules: dict[str, Rule]) -> None:
+    """Raise a :class:`ConfigError` on the first of ``cfg``'s keys that breaks its rule (absent keys pass)."""
+    for key, rule in rules.items():
+        value = lookup(cfg, key)
+        if value is not ABSENT:
+            check(key, value, rule)
+
+
+def validate_sample_config(cfg: DictConfig) -> None:
+    """Raise a :class:`ConfigError` on the first bad setting of a composed ``sample`` config."""
+    validate_settings(cfg, SAMPLE_SETTINGS)
+    if cfg.get("evaluate") and cfg.get("metrics") and cfg.n < 2:
+        raise ConfigError(f"n={cfg.n} must be >= 2 to measure the samples (or pass evaluate=false)")
+
+
+VALIDATORS: dict[str, Callable[[DictConfig], None]] = {
+    "train": validate_train_config,
+    "sample": validate_sample_config,
+}
 
 
 class ValidateOnStart(Callback):
-    """Hydra callback: validate a ``train`` config before Hydra makes the run folder (a single run; the jobs
+    """Hydra callback: validate a command's config before Hydra makes the run folder (a single run; the jobs
     of a sweep are validated as they start, and leave no folder behind)."""
+
+    def __init__(self, command: str = "train"):
+        self.validate = VALIDATORS[command]
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            validate_train_config(config)
+            self.validate(config)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

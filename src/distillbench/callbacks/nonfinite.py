@@ -8,16 +8,20 @@ Checkpoints are only written while the current streak is empty (see :attr:`healt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 
 from distillbench.errors import ConfigError, TrainingStopped
+from distillbench.utils.checkpoints import step_checkpoints
 
 
 class NonFiniteGuard(L.Callback):
-    def __init__(self, max_bad_steps: int = 20):
+    def __init__(self, max_bad_steps: int = 20, checkpoint_dir: str | Path | None = None):
         if int(max_bad_steps) < 1:
             raise ConfigError(f"max_bad_steps={max_bad_steps} must be >= 1")
         self.max_bad_steps = int(max_bad_steps)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.streak = 0
         self.counts: tuple[int, int] | None = None
 
@@ -41,11 +45,21 @@ class NonFiniteGuard(L.Callback):
             raise TrainingStopped(
                 f"{self.streak} steps in a row had non-finite values (so far {counts[0]} samples dropped, "
                 f"{counts[1]} gradient entries repaired), so the run stopped at generator step "
-                f"{int(pl_module.gen_steps)}. Its newest checkpoint predates the streak. Look for the source "
-                "(a teacher that overflows in reduced precision, a learning rate too high), then resume with "
-                "resume=<run folder> (optim.lr may be changed on resume), or allow longer streaks with "
-                "max_bad_steps=<n>"
+                f"{int(pl_module.gen_steps)}. {self.resume_advice()} Look for the source first (a "
+                "teacher that overflows in reduced precision, a learning rate too high), or allow longer "
+                "streaks with max_bad_steps=<n>"
             )
+
+    def resume_advice(self) -> str:
+        """What resuming would continue from: the newest checkpoint (written before the streak), or none."""
+        folder = self.checkpoint_dir
+        newest = step_checkpoints(folder)[0] if folder is not None and folder.is_dir() else None
+        if newest is None:
+            where = f" in {folder.parent}" if folder is not None else ""
+            return (f"No checkpoint was written before the streak, so resume=<run folder> starts the run "
+                    f"again from the beginning{where}; optim.lr may be lowered on resume.")  # fmt: skip
+        return (f"Its newest checkpoint, {newest.name}, predates the streak: resume={folder.parent} "
+                "continues from it, and optim.lr (and optim.fake_lr) may be changed on resume.")  # fmt: skip
 
     def state_dict(self) -> dict:
         return {"streak": self.streak}

@@ -216,7 +216,10 @@ class DistillationMethod(L.LightningModule):
         return per_sample[ok].mean()
 
     def step_optimizer(self, opt, loss, params, scale: float = 1.0, lr=None, grad_clip=None) -> None:
-        """One guarded update: set ``lr``, backward of scale·loss, repair non-finite gradients, clip, step."""
+        """One guarded update: set ``lr``, backward of scale·loss, repair non-finite gradients, clip, step.
+
+        Methods pass their configured ``lr`` at every step: a resumed run's optimiser state carries the rate
+        it was saved with, and a rate changed on resume must take effect."""
         if lr is not None:
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -434,14 +437,16 @@ class ScoreDistillation(DistillationMethod):
     def training_step(self, batch, batch_idx):
         labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
         opt_g, opt_f = self.optimizers()
+        h = self.hparams
+        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
         for index in range(self.hparams.fake_updates):
             self.fake.requires_grad_(True)
             loss_f = self.finite_mean(self.fake_score_loss(labels, index))
-            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), self.hparams.loss_scaling)
+            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), h.loss_scaling, lr=fake_lr)
         self.fake.requires_grad_(False)  # θ-step: ψ's parameters frozen, gradients flow through its input
         x_g = self.generate(self.draw("gen"), labels, self.synced("generator"))
         loss_g = self.finite_mean(self.generator_loss(x_g, labels))
-        self.step_optimizer(opt_g, loss_g, self.generator.parameters(), self.hparams.loss_scaling_g)
+        self.step_optimizer(opt_g, loss_g, self.generator.parameters(), h.loss_scaling_g, lr=h.lr)
         self.fake.requires_grad_(True)
         self.after_generator_step()
         self.log_train(

@@ -34,6 +34,20 @@ def atomic_writer(path: str | Path, binary: bool = False):
             os.remove(tmp)
 
 
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_writer(path) as tmp:
         Path(tmp).write_text(text)
