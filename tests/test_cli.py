@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(cwd / "cache"), HYDRA_FULL_ERROR="0")
-    flags = [o for o in overrides if o.startswith("-")]  # -m and friends go before the overrides
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *flags, "threads=1", *(o for o in overrides if o not in flags)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def run_folder(proc: subprocess.CompletedProcess) -> Path:
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("run folder: ")][-1]
-    return Path(line.removeprefix("run folder: "))
+from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli, run_folder, run_in_process
 
 
 def test_sample_analytic_toy2d_writes_the_output_contract(tmp_path):
@@ -63,10 +42,11 @@ def test_teacher_training_cli_saves_a_loadable_teacher(tmp_path):
     assert json.loads((folder / "summary.json").read_text())["steps"] == 5
 
 
-def test_unknown_group_option_lists_the_valid_ones(tmp_path):
-    proc = run_cli("distillbench.sample", "sampler=nope", cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "sampler/nope" in proc.stderr and "heun" in proc.stderr and "dpmpp2m" in proc.stderr
+def test_unknown_group_option_lists_the_valid_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_in_process("distillbench.sample", "sampler=nope")
+    assert code == 2
+    assert "sampler/nope" in stderr and "heun" in stderr and "dpmpp2m" in stderr
 
 
 @pytest.mark.parametrize(
@@ -86,35 +66,15 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
         ("train", ["data=toy2d", "student=toy2d", "student.sample_shape=[3]"], "shape (3,)"),
     ],
 )
-def test_bad_input_fails_cleanly_before_any_work(tmp_path, module, overrides, message):
-    proc = run_cli(
-        f"distillbench.{module}",
-        *overrides,
-        "hydra.run.dir=" + str(tmp_path / "run"),
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_input_fails_cleanly_before_any_work(tmp_path, monkeypatch, module, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTILLBENCH_CACHE", str(tmp_path / "cache"))
+    code, _, stderr = run_in_process(f"distillbench.{module}", "threads=1", *overrides,
+                                     "hydra.run.dir=" + str(tmp_path / "run"))  # fmt: skip
+    assert code == 2, stderr[-2000:]
+    assert message in stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists(), "a failed run must not leave a folder that looks finished"
-
-
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from distillbench.config import CONFIG_DIR
-
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-
-
-EVALUATE_EXPERIMENTS = {
-    "fid_vs_nfe",
-    "direct_vs_teacher",
-    "direct_noise_seeds",
-}  # experiments of `python -m distillbench.evaluate`; the rest train
 
 
 @pytest.mark.parametrize(

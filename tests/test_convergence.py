@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.test_cli import run_cli, run_folder
+from tests.helpers import run_cli, run_folder
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import yaml
 
 from distillbench.callbacks.evaluation import PeriodicEvaluation, declare_wandb_metrics, gather_shards, shard
 from distillbench.sweeps import load_sweep, plot_sweep
-from tests.test_cli import compose, run_cli
+from tests.helpers import compose, run_cli
 
 TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=256",
         "eval.every_kimg=0.032", "teacher_sampler.steps=2"]  # fmt: skip

@@ -32,7 +32,7 @@ from distillbench.teachers.checkpoint import load_teacher
 from distillbench.teachers.denoiser import Denoiser, edm_coefficients
 from distillbench.teachers.diffusers_adapter import DiffusersDenoiser
 from distillbench.trajectories import CLIPPromptEncoder, PromptConditioned, write_trajectories
-from tests.test_cli import run_cli, run_folder
+from tests.helpers import run_cli, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TEACHER = ROOT / "src/distillbench/assets/teachers/digits"

@@ -19,7 +19,7 @@ from distillbench.data.toy2d import Toy2DDataModule
 from distillbench.distributed import DISTRIBUTED_ENV, distributed_state_reset
 from distillbench.methods.sim import SIM
 from distillbench.teachers.analytic import analytic_teacher
-from tests.test_cli import run_cli, run_folder
+from tests.helpers import run_cli, run_folder
 
 TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=64",
         "eval.teacher=false", "logger=csv"]  # fmt: skip
@@ -163,7 +163,7 @@ def test_the_rank_variables_of_a_job_are_gone_when_it_ends(monkeypatch):
 
 @pytest.mark.parametrize("trainer", ["ddp", "ddp_sim"])
 def test_ddp_trainers_use_the_per_network_strategy(trainer):
-    from tests.test_cli import compose
+    from tests.helpers import compose
 
     cfg = compose("train", [f"trainer={trainer}"])
     assert cfg.trainer.strategy._target_ == "distillbench.distributed.NetworkDDPStrategy"
@@ -181,7 +181,7 @@ def test_submitit_local_runs_each_sweep_job_in_its_own_fixed_folder(tmp_path):
 
 
 def test_the_slurm_launcher_gives_one_task_and_gpu_per_lightning_rank():
-    from tests.test_cli import compose
+    from tests.helpers import compose
 
     cfg = compose("train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])
     launcher = cfg.hydra.launcher

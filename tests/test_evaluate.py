@@ -13,7 +13,7 @@ import torch
 from distillbench.errors import ConfigError
 from distillbench.evaluate import COLUMNS, build, noise_means, read_table, upsert_row
 from distillbench.runs import LATER_COUNTERS, load_run
-from tests.test_cli import compose, run_cli, run_folder
+from tests.helpers import compose, run_cli, run_folder
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from distillbench.utils.checkpoints import (
     write_checkpoint,
 )
 from distillbench.utils.runs import RUN_MARKER, claim_run_folder, disk_full_in, out_of_space_message
-from tests.test_cli import run_cli, run_folder
+from tests.helpers import run_cli, run_folder, run_in_process
 from tests.test_resume import poison_teacher, toy_run
 
 # 10 generator steps of 32 on the toy 2-D data, a checkpoint after steps 5 and 10
@@ -256,21 +256,29 @@ def test_the_nonfinite_stop_says_there_is_no_checkpoint_when_there_is_none(tmp_p
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("module", "overrides", "message"),
-    [
-        ("train", ["hydra.run.dir=/proc/x"], "hydra.run.dir='/proc/x' must be a writable folder"),
-        ("train", ["-m", "data=toy2d", "hydra.sweep.dir=/proc/x"], "hydra.sweep.dir='/proc/x' must be"),
-        ("sample", ["n=0"], "n=0 must be an integer >= 1"),
-        ("sample", ["n=-5"], "n=-5 must be an integer >= 1"),
-        ("train", ["data=cifar10"], "experiment=paper/cifar10_sid"),
-        ("train", ["optim.lrr=1"], "Could not override 'optim.lrr'"),
-        ("sample", ["sampler=nope"], "Could not find 'sampler/nope'"),
-        ("train", ["optim.lr=[1,"], "optim.lr=[1,"),
-    ],
-)
-def test_bad_input_exits_2_before_anything_is_written(tmp_path, module, overrides, message):
-    proc = run_cli(f"distillbench.{module}", *overrides, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+BAD_INPUT = [
+    ("train", ["hydra.run.dir=/proc/x"], "hydra.run.dir='/proc/x' must be a writable folder"),
+    ("train", ["-m", "data=toy2d", "hydra.sweep.dir=/proc/x"], "hydra.sweep.dir='/proc/x' must be"),
+    ("sample", ["n=0"], "n=0 must be an integer >= 1"),
+    ("sample", ["n=-5"], "n=-5 must be an integer >= 1"),
+    ("train", ["data=cifar10"], "experiment=paper/cifar10_sid"),
+    ("train", ["optim.lrr=1"], "Could not override 'optim.lrr'"),
+    ("sample", ["sampler=nope"], "Could not find 'sampler/nope'"),
+    ("train", ["optim.lr=[1,"], "the override 'optim.lr=[1,' does not parse"),
+]
+
+
+@pytest.mark.parametrize(("module", "overrides", "message"), BAD_INPUT)
+def test_bad_input_exits_2_before_anything_is_written(tmp_path, monkeypatch, module, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTILLBENCH_CACHE", str(tmp_path / "cache"))
+    code, _, stderr = run_in_process(f"distillbench.{module}", *overrides)
+    assert code == 2, stderr[-2000:]
+    assert message in stderr and "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no run folder and no cache entry"
+
+
+def test_a_composition_error_exits_2_from_the_command_line(tmp_path):
+    proc = run_cli("distillbench.train", "data=cifar10", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "experiment=paper/cifar10_sid" in proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_cli import run_cli
+from tests.helpers import run_cli
 
 TINY_NET = ["net.model_channels=16", "net.channel_mult=[1,1]", "net.num_blocks=1", "net.attn_resolutions=[]",
             "batch_size=2", "warmup=1", "steps=2", "compile=[false]"]  # fmt: skip

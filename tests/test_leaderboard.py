@@ -26,7 +26,7 @@ from distillbench.leaderboard import (
     train_overrides,
 )
 from distillbench.validation import validate_train_config
-from tests.test_cli import run_cli
+from tests.helpers import run_cli
 
 #: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
 SMALL = ["suite=toy2d", "~suite.methods.di", "suite.budget_tfe=15000", "suite.teacher_samplers={heun:[2]}"]

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.test_cli import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.032", "eval.n=256",

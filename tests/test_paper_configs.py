@@ -12,7 +12,7 @@ import pytest
 from distillbench.nets import UNetBackbone
 from distillbench.teachers.checkpoint import save_teacher
 from distillbench.teachers.denoiser import EDMDenoiser
-from tests.test_cli import compose, run_cli, run_folder
+from tests.helpers import compose, run_cli, run_folder
 from tests.test_data import write_cifar_batches
 
 PAPER = {  # config: (method, conditional, batch, expected FID quoted in the file)

@@ -432,7 +432,7 @@ def test_the_one_step_guided_student_matches_the_guided_teacher_per_class():
 def test_the_train_command_runs_every_stage_and_reports_each_step_count(tmp_path):
     import json
 
-    from tests.test_cli import run_cli, run_folder
+    from tests.helpers import run_cli, run_folder
 
     proc = run_cli(
         "distillbench.train", "method=progressive", "data=toy2d", "method.n_start=4",

@@ -24,7 +24,7 @@ from distillbench.utils.checkpoints import (
     step_checkpoints,
     write_checkpoint,
 )
-from tests.test_cli import compose, run_cli
+from tests.helpers import compose, run_cli
 
 # 30 generator steps of 16 on digits, a checkpoint every 10 steps, every step's row written at once
 RUN = ["distill.batch_size=16", "distill.duration_kimg=0.48", "eval.n=64", "eval.every_kimg=0.128",

@@ -13,7 +13,7 @@ from distillbench.errors import ConfigError
 from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.utils.runs import check_writable
 from distillbench.validation import validate_train_config
-from tests.test_cli import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli
+from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli
 
 # (overrides, "<key>=<bad value>" that the message names, a piece of the allowed range or choices)
 INVALID = [
