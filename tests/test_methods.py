@@ -190,3 +190,31 @@ def test_sim_pseudo_huber_gradient_matches_the_score_gradient_theorem():
 def test_bad_settings_fail_before_training(cls, kwargs, key):
     with pytest.raises(ConfigError, match=key):
         cls(tiny_teacher(), **kwargs)
+
+
+class DropoutNet(nn.Module):
+    """A tiny denoiser with dropout, which records its mode at every forward."""
+
+    def __init__(self, log: list):
+        super().__init__()
+        self.net, self.drop, self.log = nn.Conv2d(1, 1, 3, padding=1), nn.Dropout(0.5), log
+
+    def forward(self, x, sigma, labels=None):
+        self.log.append(self.training)
+        return self.drop(self.net(x))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_fake_score_reads_in_eval_mode_in_the_generator_step_and_trains_in_its_own(name):
+    teacher = tiny_teacher()
+    method = METHODS[name](teacher, student=tiny_teacher(), batch_size=8)
+    fake_modes: list[bool] = []
+    method.fake = freeze(EDMDenoiser(DropoutNet(fake_modes), sample_shape=(1, 8, 8), num_classes=10))
+    method.fake.requires_grad_(True).train()
+    generator_modes: list[bool] = []
+    method.generator.register_forward_pre_hook(lambda m, args: generator_modes.append(m.training))
+    fit_one_step(method)
+    # ψ-step: ψ trains (dropout on) on samples of G in eval mode; θ-step: G trains, ψ reads in eval mode
+    assert fake_modes == [True, False], fake_modes
+    assert generator_modes == [False, True], generator_modes
+    assert method.fake.training and method.generator.training, "both nets are back in train mode"

@@ -443,9 +443,12 @@ class ScoreDistillation(DistillationMethod):
             self.fake.requires_grad_(True)
             loss_f = self.finite_mean(self.fake_score_loss(labels, index))
             self.step_optimizer(opt_f, loss_f, self.fake.parameters(), h.loss_scaling, lr=fake_lr)
-        self.fake.requires_grad_(False)  # θ-step: ψ's parameters frozen, gradients flow through its input
-        x_g = self.generate(self.draw("gen"), labels, self.synced("generator"))
-        loss_g = self.finite_mean(self.generator_loss(x_g, labels))
+        # θ-step: ψ frozen and in eval mode (no dropout sample in its prediction, as in the official loops);
+        # gradients flow through its input
+        self.fake.requires_grad_(False)
+        with evaluating(self.fake):
+            x_g = self.generate(self.draw("gen"), labels, self.synced("generator"))
+            loss_g = self.finite_mean(self.generator_loss(x_g, labels))
         self.step_optimizer(opt_g, loss_g, self.generator.parameters(), h.loss_scaling_g, lr=h.lr)
         self.fake.requires_grad_(True)
         self.after_generator_step()
