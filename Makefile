@@ -64,7 +64,7 @@ classifiers: $(STAMP) ## Retrain the shipped metric classifiers (a few minutes)
 	$(PY) -m distillbench.classifier data=digits ship=true threads=1
 	$(PY) -m distillbench.classifier data=mnist ship=true threads=1
 
-gpu-check: $(STAMP) ## On one GPU (~8 min): SIM/SiD/DI update throughput and memory -> docs/gpu_check.{json,md}
+gpu-check: $(STAMP) ## On one GPU (~8 min): SIM/SiD/DI throughput, memory and profiles per setting -> docs/gpu_check.{json,md}
 	$(PY) -m distillbench.gpu_check
 
 clean: ## Remove outputs and caches (keeps .venv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from distillbench.errors import ConfigError, TrainingStopped
 from distillbench.utils.checkpoints import step_checkpoints
@@ -31,7 +32,9 @@ class NonFiniteGuard(L.Callback):
 
     @staticmethod
     def read_counts(pl_module) -> tuple[int, int]:
-        return int(pl_module.dropped_samples), int(pl_module.nonfinite_grads)
+        # one read from the device for both (each read of a GPU tensor waits for the GPU)
+        dropped, repaired = torch.stack([pl_module.dropped_samples, pl_module.nonfinite_grads]).tolist()
+        return dropped, repaired
 
     def on_train_start(self, trainer, pl_module):
         self.counts = self.read_counts(pl_module)

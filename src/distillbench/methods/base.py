@@ -11,6 +11,8 @@ It owns what the three share (algorithms.md §2–3; SiD ``sid_training_loop.py`
   keeps its own rows, so ranks differ and W processes step as one process with the same global batch;
 - progress counted in generator steps and kimg (``global_step`` counts both optimisers);
 - loss scaling, dropping samples with non-finite values and ``nan_to_num`` on gradients, with counts;
+- no host synchronisation in a training step on a GPU: the step and image counters are mirrored on the host
+  (:meth:`DistillationMethod.count`), and the non-finite guards and logged scalars stay on the device;
 - compute counted in teacher-forward equivalents (TFE): each network's forward pass of one sample is 1, its
   backward 2, scaled by its parameter count over the teacher's; a method states its passes (:meth:`anatomy`)
   and :meth:`fit_budget` sets its duration from a TFE budget (the leaderboard's common currency).
@@ -123,6 +125,7 @@ class DistillationMethod(L.LightningModule):
         for name in ("gen_steps", "batches_trained", "dropped_samples", "nonfinite_grads"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self._parameter_counts: dict[int, int] = {}
+        self._host_counts: dict[str, tuple] = {}  # buffer name -> (its identity and version, its value)
         self._ddp: dict[str, torch.nn.Module] = {}  # a plain dict: the DDP wrappers stay out of the tree
         self._train_metrics: dict = {}
 
@@ -135,7 +138,28 @@ class DistillationMethod(L.LightningModule):
 
     @property
     def kimg(self) -> float:
-        return float(self.nimg) / 1000
+        return self.count("nimg") / 1000
+
+    def count(self, name: str) -> int | float:
+        """The counter buffer ``name`` (``gen_steps``, ``nimg``, ...) as a Python number.
+
+        Reading a GPU tensor waits for the GPU, and the methods and callbacks read these every step, so the
+        value is kept on the host and read from the device only after something other than
+        :meth:`advance_count` changed the buffer (a loaded checkpoint, ``fill_``, a move): the buffer's
+        version counter tells."""
+        buffer = getattr(self, name)
+        identity = (buffer.data_ptr(), buffer.device, buffer._version)
+        cached = self._host_counts.get(name)
+        if cached is None or cached[0] != identity:
+            cached = self._host_counts[name] = (identity, buffer.item())
+        return cached[1]
+
+    def advance_count(self, name: str, amount: int | float) -> None:
+        """Add ``amount`` to the counter buffer ``name`` and to its host value alike."""
+        value = self.count(name) + amount
+        buffer = getattr(self, name)
+        buffer += amount
+        self._host_counts[name] = ((buffer.data_ptr(), buffer.device, buffer._version), value)
 
     # ---- compute accounting -------------------------------------------------------------------------------
     def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
@@ -197,7 +221,7 @@ class DistillationMethod(L.LightningModule):
     def seeded_generator(self, *key: int, per_rank: bool = True) -> torch.Generator:
         """A generator seeded by (seed, rank, generator step, *key), or without the rank when shared."""
         rank = (self.rank_and_world()[0],) if per_rank else ()
-        state = np.random.SeedSequence([self.seed, *rank, int(self.gen_steps), *key]).generate_state(
+        state = np.random.SeedSequence([self.seed, *rank, self.count("gen_steps"), *key]).generate_state(
             1, np.uint64
         )
         return torch.Generator(device=self.device).manual_seed(int(state[0] >> 1))
@@ -208,12 +232,12 @@ class DistillationMethod(L.LightningModule):
         return draw((world * n, *shape))[rank * n : (rank + 1) * n]
 
     def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Mean over the samples whose loss is finite; the others are dropped and counted."""
+        """Mean over the samples whose loss is finite; the others are dropped and counted. Without a finite
+        sample the loss is 0, and so are its gradients (after :meth:`repair_gradients`). Masked, not indexed:
+        boolean indexing and a Python ``if`` on the mask would each wait for the GPU."""
         ok = torch.isfinite(per_sample)
         self.dropped_samples += (~ok).sum()
-        if not ok.any():
-            return per_sample.new_zeros((), requires_grad=per_sample.requires_grad) * 0.0
-        return per_sample[ok].mean()
+        return torch.where(ok, per_sample, 0.0).sum() / ok.sum().clamp_min(1)
 
     def step_optimizer(self, opt, loss, params, scale: float = 1.0, lr=None, grad_clip=None) -> None:
         """One guarded update: set ``lr``, backward of scale·loss, repair non-finite gradients, clip, step.
@@ -230,19 +254,49 @@ class DistillationMethod(L.LightningModule):
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        if torch.is_autocast_enabled(self.device.type):
+            # Lightning's autocast spans the whole training step, and autocast's cache of low-precision
+            # weight copies does not notice in-place updates: without this, a second ψ-update in the same
+            # step (fake_updates > 1) would run on the weights from before the first.
+            torch.clear_autocast_cache()
 
     def repair_gradients(self, params) -> None:
         """Count non-finite gradient entries and replace them (NaN → 0, ±Inf → ±1e5).
 
-        One fused check (the gradients' norms, finite when every entry is) decides; the tensor-by-tensor
-        pass runs only when it fails (``make bench``: the per-tensor check alone cost ~6 ms a step)."""
+        On the CPU one fused check (the gradients' norms, finite when every entry is) decides, and the
+        tensor-by-tensor pass runs only when it fails (``make bench``: the per-tensor check alone cost ~6 ms a
+        step). On a GPU that check would make the host wait for the GPU every update, so the repair runs
+        unconditionally on one flat copy of the gradients (:func:`repair_flat`), a handful of kernels."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        if not grads:
+            return
+        if grads[0].device.type != "cpu":
+            self.nonfinite_grads += repair_flat(grads)
+            return
+        if torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             return
         for grad in grads:
             bad = ~torch.isfinite(grad)
             self.nonfinite_grads += bad.sum()
             torch.nan_to_num_(grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+def repair_flat(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Replace the non-finite entries of ``grads`` in place (NaN → 0, ±Inf → ±1e5) through one flat copy,
+    without reading anything back to the host; returns their count (a tensor on the gradients' device)."""
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    bad = (~torch.isfinite(flat)).sum()
+    torch.nan_to_num_(flat, nan=0.0, posinf=1e5, neginf=-1e5)
+    parts = flat.split([grad.numel() for grad in grads])
+    torch._foreach_copy_(grads, [part.view(grad.shape) for part, grad in zip(parts, grads, strict=True)])
+    return bad
+
+
+def adam(params, lr: float, betas, eps: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel per parameter group when the parameters are on a GPU."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 class StagedDistillation(DistillationMethod):
@@ -266,15 +320,15 @@ class StagedDistillation(DistillationMethod):
 
     @property
     def done(self) -> bool:
-        return int(self.stage) >= len(self.budgets)
+        return self.count("stage") >= len(self.budgets)
 
     @property
     def current_stage(self) -> int:
-        return min(int(self.stage), len(self.budgets) - 1)
+        return min(self.count("stage"), len(self.budgets) - 1)
 
     def stage_progress(self) -> float:
         """The fraction of the current stage's budget spent."""
-        spent = float(self.stage_nimg) / 1000 if self.budget_unit == "kimg" else int(self.stage_step)
+        spent = self.count("stage_nimg") / 1000 if self.budget_unit == "kimg" else self.count("stage_step")
         return spent / self.budgets[self.current_stage]
 
     def stopped(self) -> bool:
@@ -286,18 +340,16 @@ class StagedDistillation(DistillationMethod):
     def advance(self, images: int) -> None:
         """Count the step and, once the stage's budget is spent, finish the stage."""
         self.spend(images)
-        self.gen_steps += 1
-        self.stage_step += 1
-        self.nimg += images
-        self.stage_nimg += images
+        for name, amount in (("gen_steps", 1), ("stage_step", 1), ("nimg", images), ("stage_nimg", images)):
+            self.advance_count(name, amount)
         if self.stage_progress() >= 1.0:
             self.finish_stage()
 
     def finish_stage(self) -> None:
         record = {"stage": self.current_stage, "steps": self.steps, "kimg": self.kimg,
-                  "gen_step": int(self.gen_steps), "tfe": float(self.tfe)}  # fmt: skip
+                  "gen_step": self.count("gen_steps"), "tfe": float(self.tfe)}  # fmt: skip
         self.finished_stages.append(record)
-        self.stage += 1
+        self.advance_count("stage", 1)
         self.stage_step.zero_()
         self.stage_nimg.zero_()
         if not self.stopped():
@@ -454,8 +506,9 @@ class ScoreDistillation(DistillationMethod):
         self.after_generator_step()
         self.log_train(
             {"train/loss_fake": loss_f.detach(), "train/loss_gen": loss_g.detach(), "train/kimg": self.kimg,
-             "train/gen_step": float(self.gen_steps), "train/dropped_samples": float(self.dropped_samples),
-             "train/nonfinite_grads": float(self.nonfinite_grads)}
+             "train/gen_step": float(self.count("gen_steps")),
+             "train/dropped_samples": self.dropped_samples.float(),
+             "train/nonfinite_grads": self.nonfinite_grads.float()}
         )  # fmt: skip
 
     def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
@@ -473,20 +526,17 @@ class ScoreDistillation(DistillationMethod):
     def after_generator_step(self) -> None:
         batch = self.hparams.batch_size
         self.spend(batch)
-        self.gen_steps += 1
-        self.nimg += batch
-        update_ema(
-            self.ema,
-            self.generator,
-            ema_beta(batch, float(self.nimg), self.hparams.ema_halflife_kimg, self.hparams.ema_rampup_ratio),
-        )
+        self.advance_count("gen_steps", 1)
+        self.advance_count("nimg", batch)
+        h = self.hparams
+        update_ema(self.ema, self.generator, ema_beta(batch, self.count("nimg"), h.ema_halflife_kimg,
+                                                      h.ema_rampup_ratio))  # fmt: skip
 
     def configure_optimizers(self):
         h = self.hparams
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
-        opt_f = torch.optim.Adam(self.fake.parameters(), lr=fake_lr, betas=tuple(h.betas), eps=h.eps)
-        return [opt_g, opt_f]
+        return [adam(self.generator.parameters(), h.lr, h.betas, h.eps),
+                adam(self.fake.parameters(), fake_lr, h.betas, h.eps)]  # fmt: skip
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels=None, use_ema: bool = True) -> torch.Tensor:

@@ -213,11 +213,11 @@ class DirectDistillation(StagedDistillation):
     def loss_kind(self) -> str:
         """L1 for the first ``l1_fraction`` of stage one, L2 after it and in stage two."""
         l1_steps = round(self.hparams.l1_fraction * self.budgets[0])
-        return "l1" if self.current_stage == 0 and int(self.stage_step) < l1_steps else "l2"
+        return "l1" if self.current_stage == 0 and self.count("stage_step") < l1_steps else "l2"
 
     def learning_rate(self) -> float:
         h = self.hparams
-        return cosine_lr(h.lr, h.eta_min, int(self.stage_step), self.budgets[self.current_stage])
+        return cosine_lr(h.lr, h.eta_min, self.count("stage_step"), self.budgets[self.current_stage])
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -259,10 +259,11 @@ class DirectDistillation(StagedDistillation):
         self.step_optimizer(optimizers[self.current_stage], loss, self.trained_net.parameters(), lr=lr,
                             grad_clip=self.hparams.grad_clip)  # fmt: skip
         self.log_train(
-            {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
+            {"train/loss": loss.detach(), "train/kimg": self.kimg,
+             "train/gen_step": float(self.count("gen_steps")),
              "train/stage": float(self.current_stage), "train/l1": float(kind == "l1"), "train/lr": lr,
-             "train/dropped_samples": float(self.dropped_samples),
-             "train/nonfinite_grads": float(self.nonfinite_grads)}
+             "train/dropped_samples": self.dropped_samples.float(),
+             "train/nonfinite_grads": self.nonfinite_grads.float()}
         )  # fmt: skip
         self.advance(x_k.shape[0] * self.trainer.world_size)
 

@@ -173,7 +173,7 @@ class ProgressiveDistillation(StagedDistillation):
     @property
     def teacher(self) -> Denoiser:
         """The original teacher in stage 0, the previous stage's frozen student afterwards."""
-        return self._teacher[0] if int(self.stage) == 0 else self.previous_student
+        return self._teacher[0] if self.count("stage") == 0 else self.previous_student
 
     @property
     def steps(self) -> int:
@@ -226,10 +226,11 @@ class ProgressiveDistillation(StagedDistillation):
         self.step_optimizer(self.optimizers(), loss, self.student.parameters(), lr=lr,
                             grad_clip=self.hparams.grad_clip)  # fmt: skip
         self.log_train(
-            {"train/loss": loss.detach(), "train/kimg": self.kimg, "train/gen_step": float(self.gen_steps),
+            {"train/loss": loss.detach(), "train/kimg": self.kimg,
+             "train/gen_step": float(self.count("gen_steps")),
              "train/student_steps": float(self.steps), "train/lr": lr,
-             "train/dropped_samples": float(self.dropped_samples),
-             "train/nonfinite_grads": float(self.nonfinite_grads)}
+             "train/dropped_samples": self.dropped_samples.float(),
+             "train/nonfinite_grads": self.nonfinite_grads.float()}
         )  # fmt: skip
         self.advance(x0.shape[0] * self.trainer.world_size)
 

@@ -15,7 +15,11 @@ Interface differences from NVlabs' module, none of which changes its weights:
   class vector, which is what EDM feeds an unconditional call.
 * ``num_classes`` is EDM's ``label_dim``. ``augment_labels`` defaults to none (the sampling-time setting);
   ``map_augment`` still exists when ``augment_dim > 0`` so that trained weights load.
-* Attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (same maths, fp32 here).
+* Attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (same maths).
+* Under autocast (``bf16-mixed``) the layers leave the parameter casts to autocast, which casts each
+  trainable weight once per step and caches it, and group normalisation and attention run in the activations'
+  bf16 (both accumulate in fp32 inside their kernels) instead of autocast's fp32 round trip; outside autocast
+  every layer computes in its input's dtype, as EDM's. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -28,6 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+
+
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (it then picks the precision of convolutions and matmuls)."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def like(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``param`` for an op on ``x``: as it is under autocast (which casts it, once per step for a trainable
+    weight), else in ``x``'s dtype. An explicit cast under autocast would run on every call and bypass that
+    cache."""
+    if param is None or autocasting(x):
+        return param
+    return param.to(x.dtype)
 
 
 def draw_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -59,8 +77,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(draw_init([out_features], **fans) * init_bias) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, like(self.weight, x), like(self.bias, x))
 
 
 class Conv2d(nn.Module):
@@ -111,23 +128,22 @@ class Conv2d(nn.Module):
         return F.conv2d(x, weight, groups=channels, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        weight, bias = like(self.weight, x), like(self.bias, x)
         fir = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = weight.shape[-1] // 2 if weight is not None else 0
         f_pad = (fir.shape[-1] - 1) // 2 if fir is not None else 0
+        # The bias goes into the convolution when that is the last op (one kernel, no extra pass over x); only
+        # a fused downsampling resamples after it.
         if fir is not None and weight is not None and self.fused_resample:
             if self.up:
                 x = self._resample(x, fir, max(f_pad - w_pad, 0))
-                x = F.conv2d(x, weight, padding=max(w_pad - f_pad, 0))
-            else:
-                x = self._resample(F.conv2d(x, weight, padding=w_pad + f_pad), fir, 0)
-        else:
-            if fir is not None:
-                x = self._resample(x, fir, f_pad)
-            if weight is not None:
-                x = F.conv2d(x, weight, padding=w_pad)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+                return F.conv2d(x, weight, bias, padding=max(w_pad - f_pad, 0))
+            x = self._resample(F.conv2d(x, weight, padding=w_pad + f_pad), fir, 0)
+            return x if bias is None else x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+        if fir is not None:
+            x = self._resample(x, fir, f_pad)
+        if weight is not None:
+            x = F.conv2d(x, weight, bias, padding=w_pad)
         return x
 
 
@@ -144,7 +160,10 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # Autocast would run group_norm in fp32 (a cast of x up, an fp32 output, a cast down at the next
+        # convolution); its kernel accumulates the statistics in fp32 for bf16 input anyway.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class UNetBlock(nn.Module):
@@ -205,11 +224,13 @@ class UNetBlock(nn.Module):
 
     def attend(self, qkv: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         # EDM's channel layout of the qkv projection: (head, channel, {q, k, v}), the last varying fastest.
+        # q, k and v are laid out contiguously as (n, heads, hw, c'): the four-dimensional, unit-stride form
+        # that the fused attention kernels take.
         n, c, h, w = shape
         heads = self.num_heads
-        q, k, v = qkv.reshape(n * heads, c // heads, 3, h * w).float().unbind(2)  # each (n·heads, c', hw)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(shape).to(qkv.dtype)
+        qkv = qkv.reshape(n, heads, c // heads, 3, h * w).permute(3, 0, 1, 4, 2).contiguous()
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))  # (n, heads, hw, c')
+        return out.transpose(2, 3).reshape(shape).to(qkv.dtype)
 
 
 class PositionalEmbedding(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DModel
 from torch import nn
 
 
@@ -28,6 +27,8 @@ class UNetBackbone(nn.Module):
         norm_num_groups: int = 32,
         time_scale: float = 1000.0,
     ):
+        from diffusers import UNet2DModel  # here, so that importing the backbones needs no diffusers
+
         super().__init__()
         levels = range(len(block_out_channels))
         down = [("AttnDownBlock2D" if i in attention_levels else "DownBlock2D") for i in levels]

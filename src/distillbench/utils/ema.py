@@ -16,8 +16,11 @@ def ema_beta(batch: int, nimg: float, halflife_kimg: float, rampup_ratio: float 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, online: nn.Module, beta: float) -> None:
-    """ema ← β·ema + (1 − β)·online, parameter by parameter (buffers are copied)."""
-    for p_ema, p in zip(ema.parameters(), online.parameters(), strict=True):
-        p_ema.lerp_(p.detach(), 1.0 - beta)
+    """ema ← β·ema + (1 − β)·online over all parameters in a few multi-tensor kernels (buffers are copied)."""
+    ema_params, params = list(ema.parameters()), [p.detach() for p in online.parameters()]
+    if len(ema_params) != len(params):
+        raise ValueError(f"the EMA has {len(ema_params)} parameters, the online network {len(params)}")
+    if params:
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), online.buffers(), strict=True):
         b_ema.copy_(b)
