@@ -56,7 +56,7 @@ class NonFiniteGuard(L.Callback):
     def resume_advice(self) -> str:
         """What resuming would continue from: the newest checkpoint (written before the streak), or none."""
         folder = self.checkpoint_dir
-        newest = step_checkpoints(folder)[0] if folder is not None and folder.is_dir() else None
+        newest = (step_checkpoints(folder) or [None])[0] if folder is not None else None
         if newest is None:
             where = f" in {folder.parent}" if folder is not None else ""
             return (f"No checkpoint was written before the streak, so resume=<run folder> starts the run "
