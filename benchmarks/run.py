@@ -13,7 +13,7 @@ measures, each as median and spread (min, max) over ``--repeats`` repeats:
 3. direct distillation 7 + 1 against the teacher's 20 DPM-Solver++ steps, wall time; goal ≤ 0.5×;
 4. memory of each method's training step, in a fresh process each: peak RSS above the process's RSS before
    the step, and the activations held for backward (saved-tensor bytes at each backward), as multiples of
-   one teacher network's EDM-loss activations (algorithms.md §8: SiD/SIM about 3, DI 1);
+   one teacher network's EDM-loss activations (docs/algorithms.md §8: SiD/SIM about 3, DI 1);
 5. throughput of teacher training (images/s) and of evaluation (samples/s per feature extractor).
 
 Writes ``<out>/results.json`` and ``<out>/RESULTS.md`` (after every section, so an interrupted run keeps
@@ -536,8 +536,8 @@ def memory_md(rows: dict) -> list[str]:
               "in teacher networks"]  # fmt: skip
     body = [memory_row(name, r) for name, r in rows.items()]
     unit = next((r["one_network_mib"] for r in rows.values() if "one_network_mib" in r), float("nan"))
-    note = (f"One teacher network's EDM-loss activations at batch 64: {unit:.1f} MiB. algorithms.md §8: SiD "
-            "and SIM hold about three networks' activations, DI one.")  # fmt: skip
+    note = (f"One teacher network's EDM-loss activations at batch 64: {unit:.1f} MiB. docs/algorithms.md §8: "
+            "SiD and SIM hold about three networks' activations, DI one.")  # fmt: skip
     return out + table(header, body) + ["", note, ""]
 
 

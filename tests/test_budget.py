@@ -37,7 +37,7 @@ class SampleCounter:
 @pytest.mark.parametrize(
     ("name", "fake_updates", "passes", "per_image"),
     [  # (generator, fake score, teacher) as (forwards, backwards) per generator image
-        ("sim", 1, [(2, 1), (2, 2), (1, 1)], 13),  # algorithms.md §8: 5 forwards, 4 backwards
+        ("sim", 1, [(2, 1), (2, 2), (1, 1)], 13),  # docs/algorithms.md §8: 5 forwards, 4 backwards
         ("sid", 1, [(2, 1), (2, 2), (1, 1)], 13),
         ("di", 1, [(2, 1), (2, 1), (1, 0)], 9),  # D_φ and D_ψ held constant in the θ-step: 5 and 2
         ("sim", 2, [(3, 1), (3, 3), (1, 1)], 17),  # two ψ-steps per θ-step

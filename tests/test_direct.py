@@ -174,17 +174,17 @@ def test_preset_parameter_counts(preset, count, shape):
         assert net(x, torch.zeros(2), torch.tensor([3, -1])).shape == x.shape
 
 
-def test_the_parameter_count_command_prints_every_preset_as_the_readme_records_it():
+def test_the_parameter_count_command_prints_every_preset_as_the_docs_record_it():
     def command(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "distillbench.nets", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
-    proc, readme = command(), (ROOT / "README.md").read_text()
+    proc, page = command(), (ROOT / "docs" / "methods.md").read_text()
     assert proc.returncode == 0, proc.stderr
     for preset in preset_names():
         count = f"{parameter_count(preset):,}"
         assert re.search(rf"{preset}\s.*\s{count}\s", proc.stdout), preset
-        assert f"| {preset} | {count} |" in readme, f"README records {preset}"
+        assert f"| {preset} | {count} |" in page, f"docs/methods.md records {preset}"
     bad = command("nafnet_xl")
     assert bad.returncode == 2 and "no preset nafnet_xl" in bad.stderr and "nafnet_sd_57m" in bad.stderr
 

@@ -118,16 +118,17 @@ def test_a_killed_suite_run_restarts_without_rerunning_finished_cells(tmp_path):
     assert first_done.is_file() and not (out / "leaderboard.csv").exists()
     finished_at = first_done.stat().st_mtime_ns
 
-    readme = tmp_path / "README.md"
-    readme.write_text("# Mine\n<!-- leaderboard:toy2d -->\nold\n<!-- /leaderboard:toy2d -->\nkept\n")
-    output, _ = start_suite(out, f"readme={readme}").communicate(timeout=300)
+    page = tmp_path / "docs" / "leaderboard.md"
+    page.parent.mkdir()
+    page.write_text("# Mine\n<!-- leaderboard:toy2d -->\nold\n<!-- /leaderboard:toy2d -->\nkept\n")
+    output, _ = start_suite(out, f"page={page}").communicate(timeout=300)
     assert "sim seed 0: skipped (finished)" in output, output
     assert "sim seed 1: ran" in output or "sim seed 1: resumed" in output, output
     assert first_done.stat().st_mtime_ns == finished_at, "a finished cell was run again"
     table = pd.read_csv(out / "leaderboard.csv")
     assert list(table["method"]) == ["sim", "sim", "teacher heun"] and table["fid"].notna().all()
     assert (table["tfe"][:2] <= 15000).all() and (table["tfe"][:2] > 15000 - 256 * 13).all()
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("# Mine\n<!-- leaderboard:toy2d -->\n- command:") and text.endswith("kept\n")
     assert "| sim | 1 |" in text and "old" not in text and (tmp_path / "docs/leaderboard_toy2d.png").is_file()
 

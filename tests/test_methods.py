@@ -75,8 +75,8 @@ class PassCounter:
 
 @pytest.mark.parametrize(("name", "forward", "backward"), [("sim", 5, 4), ("sid", 5, 4), ("di", 5, 2)])
 def test_passes_per_iteration_are_counted(name, forward, backward):
-    """algorithms.md §8: SiD/SIM 5 forward and 4 backward passes. DI runs G, ψ (ψ-step) and G, φ, ψ
-    (θ-step): 5 forwards by the list in §5, 2 backward (ψ's parameters, then G)."""
+    """docs/algorithms.md §8: SiD/SIM 5 forward and 4 backward passes. DI runs G, ψ (ψ-step) and G, φ, ψ
+    (θ-step): 5 forwards by the list in docs/algorithms.md §5, 2 backward (ψ's parameters, then G)."""
     teacher = tiny_teacher()
     method = METHODS[name](teacher, batch_size=4)
     counters = [PassCounter(m.net) for m in (teacher, method.fake, method.generator)]

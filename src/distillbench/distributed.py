@@ -1,5 +1,5 @@
 """Multi-process training: DDP per trainable network, Lightning's ``ddp`` launches inside Hydra sweeps, and
-a clean process between sweep jobs (ecosystem.md §2.1–2.2).
+a clean process between sweep jobs (docs/scale-out.md; Lightning #11300, Hydra #2070).
 
 - :class:`NetworkDDPStrategy` wraps each trainable network a method names in ``ddp_networks`` in its own
   ``DistributedDataParallel`` instead of one DDP around the whole LightningModule. A score method updates

@@ -349,19 +349,19 @@ def readme_markers(name: str) -> tuple[str, str]:
 
 
 def check_readme(path: Path, name: str) -> None:
-    """``readme`` must hold the suite's block (its two markers), so that only that block is rewritten."""
+    """``page`` must hold the suite's block (its two markers), so that only that block is rewritten."""
     start, end = readme_markers(name)
     text = path.read_text() if path.is_file() else ""
     if not (start in text and end in text and text.index(start) < text.index(end)):
         raise ConfigError(
-            f"readme={path} has no leaderboard block for suite {name}: add the lines {start} and {end} "
-            "where the table should go, or leave readme unset"
+            f"page={path} has no leaderboard block for suite {name}: add the lines {start} and {end} "
+            "where the table should go, or leave page unset"
         )
 
 
 def update_readme(path: Path, name: str, table: str, figure: Path) -> None:
-    """Replace the suite's block in ``path`` with the table and the figure (copied to docs/ beside it)."""
-    picture = path.parent / "docs" / f"leaderboard_{name}.png"
+    """Replace the suite's block in ``path`` with the table and the figure (copied beside the page)."""
+    picture = path.parent / f"leaderboard_{name}.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(figure, picture)
     start, end = readme_markers(name)
@@ -373,16 +373,16 @@ def update_readme(path: Path, name: str, table: str, figure: Path) -> None:
 def leaderboard(cfg: DictConfig) -> pd.DataFrame:
     suite, out_dir = cfg.suite, Path(cfg.out_dir)
     check_suite(suite)
-    if cfg.readme:
-        check_readme(Path(cfg.readme), suite.name)
+    if cfg.page:
+        check_readme(Path(cfg.page), suite.name)
     if any(needs_trajectories(o) for o in suite.methods.values()):
         make_trajectories(suite, out_dir, cfg.threads)
     for label, module, folder, overrides in cells(suite, out_dir):
         print(f"{label}: {run_cell(module, folder, overrides, cfg.threads)}", flush=True)
     summary = write_outputs(suite, out_dir)
     table = (out_dir / "leaderboard.md").read_text()
-    if cfg.readme:
-        update_readme(Path(cfg.readme), suite.name, table.split("\n", 2)[2], out_dir / "leaderboard.png")
+    if cfg.page:
+        update_readme(Path(cfg.page), suite.name, table.split("\n", 2)[2], out_dir / "leaderboard.png")
     print(table)
     print(f"leaderboard: {out_dir}/leaderboard.md, leaderboard.csv, leaderboard.png")
     return summary

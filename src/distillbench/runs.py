@@ -66,7 +66,7 @@ def run_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
-#: counters every method gained after its first checkpoints (issues 8 and 10): older checkpoints lack them
+#: counters that some checkpoints lack; they load as zero, with a warning
 LATER_COUNTERS = ("batches_trained", "tfe", "train_seconds")
 
 

@@ -1,6 +1,6 @@
 """The shared base of the score-based one-step methods (SiD, SIM, Diff-Instruct).
 
-It owns what the three share (algorithms.md §2–3; SiD ``sid_training_loop.py``):
+It owns what the three share (docs/algorithms.md §2–3; SiD ``sid_training_loop.py``):
 - the one-step generator G_θ(z) = D_θ(σ_init·z; σ_init), a copy of the teacher (or of ``student``);
 - the auxiliary score network ψ (SiD's "fake score", SIM's "online diffusion model"), trained with the EDM
   denoising loss on detached generator samples;
@@ -43,7 +43,7 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 def sigma_p_sim(u: torch.Tensor, t_max: float = 0.8) -> torch.Tensor:
     """SiD/SIM generator time law from u ~ U[0, 1): t = u·t_max on the ρ = 7 Karras map, σ ∈ [0.002, 24.4]
-    (§3.2)."""
+    (docs/algorithms.md §2)."""
     t = u * t_max
     a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
     return (a + (1 - t) * (b - a)) ** RHO
@@ -480,7 +480,8 @@ class ScoreDistillation(DistillationMethod):
         raise NotImplementedError
 
     def fake_score_loss(self, labels, index: int = 0) -> torch.Tensor:
-        """ψ-step: the EDM denoising loss of the fake score on detached generator samples (SiD §3.1)."""
+        """ψ-step: the EDM denoising loss of the fake score on detached generator samples
+        (docs/algorithms.md §3.1)."""
         z = self.draw("fake", index)
         with torch.no_grad(), evaluating(self.generator):
             x_g = self.generate(z, labels)
@@ -514,7 +515,7 @@ class ScoreDistillation(DistillationMethod):
     def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
         """Per generator image: k ψ-steps (G forward; ψ forward and backward), then the θ-step (G forward and
         backward; φ and ψ forward, and backward when the scores are in the graph). SIM/SiD: 5 forwards and 4
-        backwards at k = 1 (algorithms.md §8); DI: 5 and 2."""
+        backwards at k = 1 (docs/algorithms.md §8); DI: 5 and 2."""
         k, through = self.hparams.fake_updates, int(self.scores_in_graph)
         return [(self.generator, k + 1, 1), (self.fake, k + 1, k + through), (self.teacher, 1, through)]
 

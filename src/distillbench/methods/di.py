@@ -1,6 +1,6 @@
 """Diff-Instruct (Luo et al., NeurIPS 2023, Eq. (3.3); ``di_loss.py``): integral-KL gradient.
 
-The score difference is a constant: teacher D_φ and fake D_ψ run under no_grad (algorithms.md §5):
+The score difference is a constant: teacher D_φ and fake D_ψ run under no_grad (docs/algorithms.md §5):
 
     σ ~ p_EDM,  x_t = x_g + σ·n,   L_θ = Σ_pixels (D_ψ(x_t) − D_φ(x_t)) ⊙ x_g
 

@@ -1,4 +1,4 @@
-"""Direct Distillation (Li & Zhang, §3.2, §3.4, §4.2; algorithms.md §7) of an EDM teacher's trajectory.
+"""Direct Distillation (Li & Zhang, §3.2, §3.4, §4.2; docs/algorithms.md §7) of an EDM teacher's trajectory.
 
 The teacher's DPM-Solver++(2M) run over an N-step schedule passes the state x_k (at σ_k) after k steps and
 ends at x_N (``python -m distillbench.trajectories`` stores the pairs). A time-embedded NAFNet S_θ maps x_k
@@ -11,8 +11,8 @@ straight to x_N, read through EDM's preconditioning with the teacher's σ_data (
 The paper's student reads Stable Diffusion's variance-preserving latents, of unit scale at every step; an EDM
 state x_k = x + σ_k·n is σ_k times larger, so c_in scales it back and c_skip, c_out keep the target at unit
 scale. ``conf/method/direct.yaml`` turns it on; the class default, ``preconditioning=False``, is the raw
-x̂_N = S_θ(x_k, t, y), so a run whose config predates the key (evaluated or resumed) stays as it was
-trained. y are the teacher's class labels, seen by a NAFNet with ``num_classes`` (the paper's
+x̂_N = S_θ(x_k, t, y), so a run whose config lacks the key (evaluated or resumed) keeps the form it was
+trained with. y are the teacher's class labels, seen by a NAFNet with ``num_classes`` (the paper's
 text-conditioned student sees no prompt: ``num_classes: 0``).
 
 R_φ is a second NAFNet whose blocks sit in the shallow decoder layers; it starts as the identity. Each stage

@@ -1,4 +1,4 @@
-"""Guided distillation (Meng et al., CVPR 2023, §4) of a class-conditional EDM teacher (algorithms.md §6).
+"""Guided distillation (Meng et al., CVPR 2023, §4; docs/algorithms.md §6) of a class-conditional EDM teacher.
 
 Stage one distils classifier-free guidance into one network D_η(x; σ, c, w) conditioned on the guidance
 weight w ~ U[w_min, w_max], with the target (w = 0 is the plain conditional model)

@@ -1,6 +1,6 @@
 """Progressive distillation (Salimans & Ho, ICLR 2022, Alg. 2 and §4) in EDM's σ-parameterisation.
 
-algorithms.md §6 translated to x_σ = x + σ·n: DDIM is the Euler step of the probability-flow ODE,
+docs/algorithms.md §6 translated to x_σ = x + σ·n: DDIM is the Euler step of the probability-flow ODE,
 
     step(x, D; σ → σ') = D + (σ'/σ)·(x − D).
 

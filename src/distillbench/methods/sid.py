@@ -1,6 +1,6 @@
 """SiD: Score identity Distillation (Zhou et al., ICML 2024, Eq. (8)–(10); ``sid_loss.py``).
 
-Generator step (algorithms.md §3.2), with f_φ the teacher and f_ψ the fake denoiser, both with frozen
+Generator step (docs/algorithms.md §3.2), with f_φ the teacher and f_ψ the fake denoiser, both with frozen
 parameters and gradients flowing through their input x_t = x_g + σ·n:
 
     σ ~ p_SIM  (t ~ U[0, t_max/1000], ρ = 7 Karras map)

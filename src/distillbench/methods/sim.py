@@ -1,6 +1,6 @@
 """SIM: Score Implicit Matching (Luo et al., NeurIPS 2024, §3.2 score-gradient theorem, Alg. 1).
 
-With y = s_ψ − s_φ and u = s_ψ − ∇log q(x_t | x_g), the generator minimises (algorithms.md §4.2–4.4)
+With y = s_ψ − s_φ and u = s_ψ − ∇log q(x_t | x_g), the generator minimises (docs/algorithms.md §4.2–4.4)
 
     L_θ = −w(σ) · d'(y)ᵀ u,   y = (D_ψ − D_φ)/σ²,   u = (D_ψ − x_g)/σ²,
 
@@ -10,8 +10,8 @@ Distances d:
     squared L2    d(y) = ‖y‖²,                d'(y) = 2y
 Weightings w(σ): ``sid`` = σ⁴ / (2·sg(mean|x_g − D_φ|)) (with L2 this is SiD at α = 1) and ``unit`` = 1.
 ``detach_normaliser`` stops the gradient through sqrt(‖y‖² + c²) (an ablation; the theorem keeps it).
-c is in score units (y is a score difference). SIM's own c was not verified; the default 1.0 beat
-c = null (0.00054·sqrt(dim), the iCT data-space convention) on the digits teacher (README).
+c is in score units (y is a score difference). SIM's own c is unverified; on the digits teacher the default
+1.0 beats c = 0.01, near c = null (0.00054·sqrt(dim), the iCT data-space convention): experiments/ablations.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """NAFNet (Chen et al. 2022, "Simple Baselines for Image Restoration") with a time embedding: the student of
-Direct Distillation (Li & Zhang, §3.4; algorithms.md §7).
+Direct Distillation (Li & Zhang, §3.4; docs/algorithms.md §7).
 
 A NAFBlock on c channels has no nonlinear activation; SimpleGate (split the channels in half, multiply) is
 its only nonlinearity:

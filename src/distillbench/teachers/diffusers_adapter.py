@@ -1,6 +1,6 @@
 """A diffusers DDPM/DDIM model (ε-, v- or x₀-prediction) as an EDM denoiser D(x; σ).
 
-VP ↔ VE (algorithms.md §6, "EDM translation"). The schedule's ᾱ_t gives the VP pair α_t = sqrt(ᾱ_t),
+VP ↔ VE (docs/algorithms.md §6, "EDM translation"). The schedule's ᾱ_t gives the VP pair α_t = sqrt(ᾱ_t),
 σ_vp,t = sqrt(1 − ᾱ_t) with z_t = α_t x₀ + σ_vp,t ε, and the VE noise level
 
     σ_t = σ_vp,t / α_t = sqrt((1 − ᾱ_t) / ᾱ_t),          x_σ = z_t / α_t = x₀ + σ_t ε.
