@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from distillbench.errors import ConfigError
-from distillbench.methods.base import starting_network
 from distillbench.methods.progressive import ProgressiveDistillation, loss_weight, stage_budgets
 from distillbench.nets.mlp import FourierEmbedding, MLPBackbone
 from distillbench.teachers.denoiser import Denoiser, EDMDenoiser, as_sigma_batch
@@ -122,7 +121,7 @@ class GuidedDistillation(ProgressiveDistillation):
         if guidance_lr is not None and not guidance_lr > 0:
             raise ConfigError(f"method.guidance_lr={guidance_lr} must be > 0, or null for method.lr")
         unit, budget = stage_budgets(guidance_kimg, guidance_steps, 1, prefix="method.guidance")
-        init = starting_network(teacher, student)
+        init = student if student is not None else teacher
         super().__init__(teacher, GuidedStudent(init, w), **kwargs)
         if unit != self.budget_unit:
             raise ConfigError(
