@@ -21,7 +21,7 @@ from distillbench.samplers.generate import generate
 from distillbench.samplers.solvers import HeunSampler
 from distillbench.teachers.gmm import GMMDenoiser, LowRankGMM, gmm_teacher
 
-from .helpers import run_in_process
+from .helpers import compose, run_in_process
 
 SIGMAS = [0.002, 0.1, 1.0, 10.0, 80.0]
 DIGITS = ASSETS_DIR / "teachers" / "gmm_digits"
@@ -224,3 +224,11 @@ def test_sample_command_runs_the_gmm_teacher(tmp_path, monkeypatch):
 
 def test_gmm_denoiser_is_a_denoiser():
     assert issubclass(GMMDenoiser, torch.nn.Module) and GMMDenoiser.bounded is False
+
+
+@pytest.mark.parametrize("name", ["gmm_digits", "gmm_mnist"])
+def test_data_choice_composes_its_teacher_student_metrics_and_net(name):
+    cfg = compose("train", [f"data={name}"])
+    assert cfg.teacher._target_.endswith("gmm_teacher") and cfg.teacher.path.endswith(name)
+    assert cfg.student.path.endswith(name.removeprefix("gmm_")) and cfg.metrics.dataset == name
+    assert compose("teacher", [f"data={name}"]).net._target_.endswith("UNetBackbone")
