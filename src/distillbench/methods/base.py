@@ -78,6 +78,18 @@ def check_same_shape(student: Denoiser, teacher: Denoiser) -> None:
         )
 
 
+def starting_network(teacher: Denoiser, student: Denoiser | None) -> Denoiser:
+    """The network the trained copies start from: ``student``, else the teacher, which must have weights."""
+    init = student if student is not None else teacher
+    check_same_shape(init, teacher)
+    if not any(p.numel() for p in init.parameters()):
+        raise ConfigError(
+            f"the teacher {getattr(teacher, 'name', type(teacher).__name__)!r} has no weights to start the "
+            "trained networks from; give a student config (e.g. student=gmm_digits, student=toy2d)"
+        )
+    return init
+
+
 @contextmanager
 def evaluating(*nets: torch.nn.Module | None) -> Iterator[None]:
     """The nets in eval mode (no dropout) for the block, then back in their previous modes."""
@@ -117,6 +129,7 @@ class DistillationMethod(L.LightningModule):
         self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
         self.sample_shape = tuple(teacher.sample_shape)
         self.num_classes = int(getattr(teacher, "num_classes", 0))
+        self.bounded = bool(getattr(teacher, "bounded", True))  # the teacher's data range is its samples'
         self.seed = int(seed)
         self.register_buffer("nimg", torch.zeros((), dtype=torch.float64))
         self.register_buffer("tfe", torch.zeros((), dtype=torch.float64))  # teacher-forward equivalents
@@ -418,8 +431,7 @@ class ScoreDistillation(DistillationMethod):
         if fake_updates < 1:
             raise ConfigError(f"method.fake_updates={fake_updates} must be >= 1")
         self.save_hyperparameters(ignore=["teacher", "student"])
-        init = student if student is not None else teacher
-        check_same_shape(init, teacher)
+        init = starting_network(teacher, student)
         self.generator = copy.deepcopy(init).requires_grad_(True).train()
         self.fake = copy.deepcopy(init).requires_grad_(True).train()
         self.ema = freeze(copy.deepcopy(self.generator))

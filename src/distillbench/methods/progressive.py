@@ -36,9 +36,9 @@ from distillbench.errors import ConfigError
 from distillbench.methods.base import (
     StagedDistillation,
     check_grad_clip,
-    check_same_shape,
     choice,
     evaluating,
+    starting_network,
 )
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
@@ -160,8 +160,7 @@ class ProgressiveDistillation(StagedDistillation):
         self.weighting = choice("method.weighting", weighting, WEIGHTINGS)
         check_grad_clip(grad_clip)
         self.save_hyperparameters(ignore=["teacher", "student", "schedule"])
-        init = student if student is not None else teacher
-        check_same_shape(init, teacher)
+        init = starting_network(teacher, student)
         self.student = copy.deepcopy(init).requires_grad_(True).train()
         self.previous_student = freeze(copy.deepcopy(self.student))  # the teacher of stages ≥ 1
         self.schedule = functools.partial(

@@ -2,7 +2,8 @@
 
 Fake samples go through the extractor once; FID (Heusel et al. 2017), IS (Salimans et al. 2016) and KID
 (Bińkowski et al. 2018) are torchmetrics' metrics fed those features, precision/recall follows Kynkäänniemi
-et al. 2019, and toy 2-D data adds each mixture mode's sample share. Real-side features and statistics are
+et al. 2019, toy 2-D data adds each mixture mode's sample share, and data with an exact mixture adds the
+ground-truth metrics of :mod:`distillbench.metrics.ground_truth`. Real-side features and statistics are
 computed once per (dataset, split, extractor, n) and cached as ``<cache_dir>/stats/<key>.npz``; the file
 carries a fingerprint of the real samples and the extractor weights, so a changed dataset or a retrained
 classifier recomputes instead of reusing stale statistics. Names carry extractor and count: ``fid_clf@2k``.
@@ -11,6 +12,10 @@ With ``reference`` (a ``.npz`` of ``mu`` and ``sigma``, a path or URL: EDM's ``f
 https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, fetched once into ``<cache_dir>/refs``)
 the FID compares against those published statistics, as the EDM/SiD/SIM papers do; KID and precision/recall
 still use the data's own features.
+
+Image samples are clipped to [-1, 1] on their way into the extractor (a no-op for samples the samplers
+clip); the ground-truth metrics read them unclipped. :meth:`MetricSuite.floor` measures independent exact
+samples (the ``test`` split) the same way: the floor each metric reaches at this n.
 
 The suite is local to a process (``sync_on_compute=False``): give it all samples on one rank, or each rank
 its own share.
@@ -33,11 +38,13 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from distillbench.errors import ConfigError
+from distillbench.metrics import ground_truth
 from distillbench.metrics.frechet import FID, gaussian_stats
 from distillbench.metrics.precision_recall import precision_recall
+from distillbench.utils.images import to_image_range
 from distillbench.utils.io import atomic_writer
 
-KINDS = ("fid", "is", "kid", "pr", "modes")
+KINDS = ("fid", "is", "kid", "pr", "modes", "log_density_gap", "coverage_tv", "clamped_fraction")
 REFERENCE_COUNT = 50_000  # images behind EDM's fid-refs; (μ, Σ) come back exactly for any count
 FEATURE_KINDS = {"fid", "is", "kid", "pr"}
 
@@ -61,7 +68,7 @@ def _device(module: nn.Module) -> torch.device:
 def extract(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``module`` applied batch by batch on its own device; float32 features on the CPU."""
     device = _device(module)
-    batches = torch.as_tensor(x).split(batch_size)
+    batches = to_image_range(torch.as_tensor(x)).split(batch_size)
     return torch.cat([module(b.to(device, torch.float32)).float().cpu() for b in batches])
 
 
@@ -180,7 +187,8 @@ class MetricSuite:
             Hydra config.
         n: samples per side; the real side takes min(n, split size) distinct samples.
         metrics: any of ``fid``, ``is`` (needs class logits), ``kid``, ``pr``, ``modes`` (needs
-            ``datamodule.mixture``).
+            ``datamodule.mixture``), ``log_density_gap``, ``coverage_tv``, ``clamped_fraction`` (need an exact
+            mixture with a density: ``data=gmm_digits|gmm_mnist``).
         cache_dir: real statistics go to ``<cache_dir>/stats``; None keeps them in memory only.
         dataset: expected ``datamodule.name`` (None: take it from the data module).
         split, seed: which real samples.
@@ -217,6 +225,7 @@ class MetricSuite:
         self.is_splits = int(is_splits)
         self.reference = None if reference is None else str(reference)
         self._memo: dict[str, RealStats] = {}
+        self._log_density: dict[str, float] = {}
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
         self._check()
 
@@ -240,10 +249,15 @@ class MetricSuite:
         """This suite's name for ``kind``, e.g. ``fid_clf@2k``."""
         return metric_name(kind, self.extractor if extractor else None, self.n)
 
+    def real(self, datamodule) -> torch.Tensor:
+        """The real side: ``n`` samples, or all of a finite split that holds fewer."""
+        unlimited = getattr(datamodule, "draws_any_n", False)
+        n_real = self.n if unlimited else min(self.n, len(datamodule.arrays(self.split)[0]))
+        return datamodule.real_samples(n_real, self.split, self.seed)[0]
+
     def real_stats(self, datamodule) -> RealStats:
         """Real-side statistics, from memory, from the cache folder, or extracted once."""
-        n_real = min(self.n, len(datamodule.arrays(self.split)[0]))
-        real, _ = datamodule.real_samples(n_real, self.split, self.seed)
+        real = self.real(datamodule)
         key = f"{self._dataset(datamodule)}-{self.split}-{self.extractor.name}-{self.n}"
         path = None if self.cache_dir is None else self.cache_dir / "stats" / f"{key}.npz"
         fp = fingerprint(self.extractor, real)
@@ -278,9 +292,27 @@ class MetricSuite:
             elif kind == "pr":
                 p, r = precision_recall(real.feats, feats, self.k)
                 out.update({self.metric_name("precision"): p, self.metric_name("recall"): r})
-            else:
+            elif kind == "modes":
                 out.update(self._mode_shares(fake, datamodule))
+            else:
+                out[self.metric_name(kind, extractor=False)] = self._ground_truth(kind, fake, datamodule)
         return out
+
+    def floor(self, datamodule, seed: int = 0) -> dict[str, float]:
+        """The metrics of ``n`` independent samples of the data (its ``test`` split, keyed by ``seed``): what
+        an exact model scores at this n. For a mixture data module they are exact samples."""
+        return self.evaluate(datamodule.real_samples(self.n, "test", seed)[0], datamodule)
+
+    def _ground_truth(self, kind: str, fake: torch.Tensor, datamodule) -> float:
+        if kind == "clamped_fraction":
+            return ground_truth.clamped_fraction(fake)
+        mixture = ground_truth.mixture_of(datamodule)
+        if kind == "coverage_tv":
+            return ground_truth.coverage_tv(mixture, fake)
+        key = f"log_density:{datamodule.name}:{self.split}:{self.seed}:{self.n}"
+        if key not in self._log_density:  # of the exact reference samples, once
+            self._log_density[key] = ground_truth.mean_log_density(mixture, self.real(datamodule))
+        return ground_truth.mean_log_density(mixture, fake) - self._log_density[key]
 
     def _fid(self, real: RealStats | None, feats: torch.Tensor) -> float:
         fid = FID(feature=_GivenFeatures(feats.shape[1]), sync_on_compute=False)

@@ -92,7 +92,8 @@ def generate(
     """Sample the n points of global indices offset … offset + n − 1 with ``fixed_noise``/``fixed_labels``;
     returns (x, labels, nfe_per_sample) on the CPU.
 
-    Images are clipped to [-1, 1]; other samples (2-D points) are returned as the sampler made them.
+    Images are clipped to [-1, 1] unless the denoiser's data is unbounded (``bounded = False``: the analytic
+    mixture teachers and their students); other samples (2-D points) are returned as the sampler made them.
 
     All batches run the same deterministic sampler, so nfe_per_sample is the counted NFE of one batch.
     """
@@ -113,4 +114,4 @@ def generate(
             nfe = result.nfe
             bar.advance(task, size)
     x = torch.cat(batches) if batches else torch.empty(0, *denoiser.sample_shape)
-    return to_image_range(x), labels, nfe
+    return (to_image_range(x) if getattr(denoiser, "bounded", True) else x), labels, nfe

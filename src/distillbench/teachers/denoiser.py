@@ -42,6 +42,8 @@ class Denoiser(nn.Module):
     sigma_max: float = 80.0
     num_classes: int = 0
     sample_shape: tuple[int, ...] = ()
+    #: its data lies in [-1, 1] (images), so sampled images are clipped there; False for an unbounded law
+    bounded: bool = True
 
     def score(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
         """s(x; σ) = (D(x; σ) − x) / σ²."""
