@@ -106,3 +106,25 @@ def test_host_counters_follow_the_buffers():
     assert method.count("gen_steps") == 7
     method.load_state_dict(state)
     assert method.count("gen_steps") == 1 and method.kimg == 0.064
+
+
+def test_the_trainer_lays_out_and_compiles_every_network_and_keeps_the_checkpoint_names(tmp_path):
+    from distillbench.callbacks import KimgBudget
+    from distillbench.data.noise import NoiseDataModule
+    from distillbench.utils.trainer import Trainer, denoisers
+
+    method = SiD(songunet_teacher(), batch_size=4, seed=3)
+    names = set(method.state_dict())
+    data = NoiseDataModule(sample_shape=(3, 8, 8), batch_size=4)
+    trainer = Trainer(accelerator="cpu", max_steps=-1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[KimgBudget(0.004)],
+                      compile=True, channels_last=True, compile_backend="eager")  # fmt: skip
+    trainer.fit(method, datamodule=data)
+    nets = denoisers(method)
+    assert {id(n) for n in nets} >= {id(method.generator), id(method.fake), id(method.ema), id(method.teacher)}
+    for net in nets:
+        assert net.net._compiled_call_impl is not None, "compiled in place"
+        kernels = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert int(method.gen_steps) == 1
+    assert set(method.state_dict()) == names, "parameter names (and so checkpoints) are unchanged"

@@ -45,6 +45,7 @@ from distillbench.teachers.checkpoint import count_parameters
 from distillbench.teachers.denoiser import EDMDenoiser
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 from distillbench.utils.runs import cli, require_at_least_one, task
+from distillbench.utils.trainer import accelerate
 
 METHODS = {"sim": SIM, "sid": SiD, "di": DiffInstruct}
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -91,21 +92,8 @@ def settings_of(case: dict, rows: list[dict], batch_size: int) -> dict:
     return base | {k: case[k] for k in SETTINGS if case.get(k) is not None}
 
 
-def channels_last(net: torch.nn.Module) -> torch.nn.Module:
-    """``net`` with its 4-d weights in NHWC order; convolutions then keep their activations in it too."""
-    return net.to(memory_format=torch.channels_last)
-
-
-def compile_backbones(method, backend: str) -> None:
-    """torch.compile the backbone of each of the method's networks; the EDM preconditioning stays eager."""
-    for denoiser in (method.generator, method.fake, method.teacher):
-        denoiser.net = torch.compile(denoiser.net, backend=backend, dynamic=False)
-
-
-def teacher_of(cfg: DictConfig, settings: dict) -> EDMDenoiser:
-    net = hydra.utils.instantiate(cfg.net)
-    net = channels_last(net) if settings["channels_last"] else net
-    return EDMDenoiser(net, cfg.sample_shape, num_classes=cfg.net.num_classes)
+def teacher_of(cfg: DictConfig) -> EDMDenoiser:
+    return EDMDenoiser(hydra.utils.instantiate(cfg.net), cfg.sample_shape, num_classes=cfg.net.num_classes)
 
 
 def experiment_config(experiment: str) -> DictConfig:
@@ -120,7 +108,7 @@ def experiment_config(experiment: str) -> DictConfig:
 def build_method(cfg: DictConfig, case: dict, settings: dict):
     """The case's method around a random-weight teacher of ``cfg.net``, laid out and compiled as asked; and
     the non-finite guard of an experiment's run (None otherwise)."""
-    teacher = teacher_of(cfg, settings)
+    teacher = teacher_of(cfg)
     guard = None
     if case.get("experiment"):
         train_cfg = experiment_config(case["experiment"])
@@ -128,8 +116,7 @@ def build_method(cfg: DictConfig, case: dict, settings: dict):
         guard = NonFiniteGuard(train_cfg.max_bad_steps)
     else:
         method = METHODS[case["method"]](teacher, batch_size=settings["batch"], seed=cfg.seed)
-    if settings["compile"]:
-        compile_backbones(method, cfg.compile_backend)
+    accelerate(method, settings["compile"], settings["channels_last"], cfg.compile_backend)
     return method, guard
 
 

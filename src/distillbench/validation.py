@@ -155,6 +155,8 @@ SETTINGS: dict[str, Rule] = {
     "trainer.num_nodes": integer(ge=1),
     "trainer.precision": one_of(*PRECISIONS),
     "trainer.log_every_n_steps": integer(ge=1),
+    "trainer.compile": boolean,
+    "trainer.channels_last": boolean,
     "teacher_sampler.steps": integer(ge=1),
     **{f"teacher_sampler.{key}": rule for key, rule in SCHEDULE.items()},
 }
