@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
-CONFIG_DIR = str(PACKAGE_DIR.parents[1] / "conf")
+CONFIG_DIR = str(PACKAGE_DIR / "conf")  # the repository's conf/, through the link src/distillbench/conf
 
 
 def in_sweep() -> bool:

@@ -1,0 +1,22 @@
+"""Distillation strategies. Score-based one-step methods share :class:`ScoreDistillation`; each adds only
+its generator loss (``sim.py``, ``sid.py``, ``di.py``). Progressive (and guided) distillation train a
+few-step student on real data (``progressive.py``, ``guided.py``). Direct distillation trains a NAFNet on
+teacher trajectories (``direct.py``)."""
+
+from distillbench.methods.base import ScoreDistillation
+from distillbench.methods.di import DiffInstruct
+from distillbench.methods.direct import DirectDistillation
+from distillbench.methods.guided import GuidedDistillation
+from distillbench.methods.progressive import ProgressiveDistillation
+from distillbench.methods.sid import SiD
+from distillbench.methods.sim import SIM
+
+__all__ = [
+    "DiffInstruct",
+    "DirectDistillation",
+    "GuidedDistillation",
+    "ProgressiveDistillation",
+    "SIM",
+    "ScoreDistillation",
+    "SiD",
+]

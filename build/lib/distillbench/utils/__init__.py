@@ -1,0 +1,1 @@
+"""Small shared utilities: atomic I/O, run folders, config helpers."""
