@@ -12,6 +12,10 @@ https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, fetched once in
 the FID compares against those published statistics, as the EDM/SiD/SIM papers do; KID and precision/recall
 still use the data's own features.
 
+:meth:`MetricSuite.protocol` is the record of how the figures are made (extractor, its weights' digest, its
+preprocessing, n, the real side's source and digest); every table and summary that stores a figure stores
+it beside, so that figures made differently are never compared unknowingly (docs/metrics.md).
+
 The suite is local to a process (``sync_on_compute=False``): give it all samples on one rank, or each rank
 its own share.
 """
@@ -19,6 +23,7 @@ its own share.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import urllib.request
 import warnings
@@ -33,6 +38,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from distillbench.errors import ConfigError
+from distillbench.metrics.extractors import file_digest
 from distillbench.metrics.frechet import FID, gaussian_stats
 from distillbench.metrics.precision_recall import precision_recall
 from distillbench.utils.io import atomic_writer
@@ -40,6 +46,7 @@ from distillbench.utils.io import atomic_writer
 KINDS = ("fid", "is", "kid", "pr", "modes")
 REFERENCE_COUNT = 50_000  # images behind EDM's fid-refs; (μ, Σ) come back exactly for any count
 FEATURE_KINDS = {"fid", "is", "kid", "pr"}
+PROTOCOL = "protocol"  # the column and key that holds a figure's protocol record in tables and summaries
 
 
 def format_count(n: int) -> str:
@@ -65,9 +72,15 @@ def extract(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.
     return torch.cat([module(b.to(device, torch.float32)).float().cpu() for b in batches])
 
 
+def protocol_text(record: dict) -> str:
+    """A protocol record as one table cell: compact JSON with sorted keys (``json.loads`` reads it back)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
 def fingerprint(extractor: nn.Module, real: torch.Tensor) -> str:
-    """SHA-1 of the extractor (type, name, size, weights) and the real samples."""
-    ext = [type(extractor).__qualname__, extractor.name, getattr(extractor, "num_features", "")]
+    """SHA-1 of the extractor (type, name, size, preprocessing, weights) and the real samples."""
+    ext = [type(extractor).__qualname__, extractor.name, getattr(extractor, "num_features", ""),
+           getattr(extractor, "preprocessing", "")]  # fmt: skip
     h = hashlib.sha1(repr(ext).encode())
     for t in [*extractor.state_dict().values(), real]:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -218,6 +231,7 @@ class MetricSuite:
         self.reference = None if reference is None else str(reference)
         self._memo: dict[str, RealStats] = {}
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
+        self._reference_digest: str | None = None
         self._check()
 
     def _check(self) -> None:
@@ -264,8 +278,7 @@ class MetricSuite:
             raise ValueError(f"got {len(fake)} fake samples, the suite needs n={self.n}")
         fake = fake[: self.n]
         needs_features = FEATURE_KINDS & set(self.metrics)
-        data_side = needs_features - {"is"} - ({"fid"} if self.reference else set())
-        real = self.real_stats(datamodule) if data_side else None
+        real = self.real_stats(datamodule) if self.data_side() else None
         feats = extract(self.extractor, fake, self.batch_size) if needs_features else None
         out: dict[str, float] = {}
         for kind in self.metrics:
@@ -281,6 +294,37 @@ class MetricSuite:
             else:
                 out.update(self._mode_shares(fake, datamodule))
         return out
+
+    def data_side(self) -> set[str]:
+        """The metrics that compare with the data's own real samples (FID only without ``reference``)."""
+        return FEATURE_KINDS & set(self.metrics) - {"is"} - ({"fid"} if self.reference else set())
+
+    def protocol(self, datamodule) -> dict:
+        """How this suite's figures are made: the record stored beside each of them (docs/metrics.md).
+
+        ``extractor``, ``weights`` (its SHA-256, shortened), ``preprocessing`` and ``n`` (fake samples) say
+        how samples become features; ``real`` and ``real_digest`` name the data's real samples that KID,
+        precision/recall and (without a reference) FID compare with, and their statistics' fingerprint;
+        ``reference`` and ``reference_digest`` name the published statistics FID compares with instead.
+        Fields a suite does not use are None. Real-side statistics are computed (and cached) if need be.
+        """
+        record = {"extractor": self.extractor.name, "weights": self.extractor.weights_digest(),
+                  "preprocessing": self.extractor.preprocessing, "n": self.n, "real": None,
+                  "real_digest": None, "reference": None, "reference_digest": None}  # fmt: skip
+        if self.data_side():
+            stats = self.real_stats(datamodule)
+            record["real"] = f"{self._dataset(datamodule)}/{self.split}, seed {self.seed}, n {stats.n}"
+            record["real_digest"] = f"sha1:{stats.fingerprint[:16]}"
+        if self.reference and "fid" in self.metrics:
+            record["reference"] = self.reference
+            record["reference_digest"] = self.reference_digest()
+        return record
+
+    def reference_digest(self) -> str:
+        """The SHA-256 of the ``reference`` file (fetched if need be), shortened as the weights' digests."""
+        if self._reference_digest is None:
+            self._reference_digest = file_digest(fetch_reference(self.reference, self.cache_dir))
+        return self._reference_digest
 
     def _fid(self, real: RealStats | None, feats: torch.Tensor) -> float:
         fid = FID(feature=_GivenFeatures(feats.shape[1]), sync_on_compute=False)
