@@ -284,7 +284,7 @@ def test_protocol_names_extractor_weights_preprocessing_n_and_the_real_side(tmp_
     record = suite.protocol(GivenData(real))
     fingerprint = suite.real_stats(GivenData(real)).fingerprint
     assert record == {"extractor": "data", "weights": None, "preprocessing": "flatten", "n": 200,
-                      "real": "given/train, seed 4, n 200", "real_digest": f"sha1:{fingerprint[:16]}",
+                      "real": "given/train: 200 samples, seed 4", "real_digest": f"sha1:{fingerprint[:16]}",
                       "reference": None, "reference_digest": None}  # fmt: skip
     assert suite.protocol(GivenData(real + 1))["real_digest"] != record["real_digest"], "other real samples"
     text = protocol_text(record)

@@ -313,7 +313,7 @@ class MetricSuite:
                   "real_digest": None, "reference": None, "reference_digest": None}  # fmt: skip
         if self.data_side():
             stats = self.real_stats(datamodule)
-            record["real"] = f"{self._dataset(datamodule)}/{self.split}, seed {self.seed}, n {stats.n}"
+            record["real"] = f"{self._dataset(datamodule)}/{self.split}: {stats.n} samples, seed {self.seed}"
             record["real_digest"] = f"sha1:{stats.fingerprint[:16]}"
         if self.reference and "fid" in self.metrics:
             record["reference"] = self.reference
