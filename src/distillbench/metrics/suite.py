@@ -4,8 +4,9 @@ Fake samples go through the extractor once; FID (Heusel et al. 2017), IS (Salima
 (Bińkowski et al. 2018) are torchmetrics' metrics fed those features, precision/recall follows Kynkäänniemi
 et al. 2019, and toy 2-D data adds each mixture mode's sample share. Real-side features and statistics are
 computed once per (dataset, split, extractor, n) and cached as ``<cache_dir>/stats/<key>.npz``; the file
-carries a fingerprint of the real samples and the extractor weights, so a changed dataset or a retrained
-classifier recomputes instead of reusing stale statistics. Names carry extractor and count: ``fid_clf@2k``.
+carries a fingerprint of the real samples and the extractor (weights and preprocessing), so a changed
+dataset, a retrained classifier or another preprocessing recomputes instead of reusing stale statistics.
+Names carry extractor and count: ``fid_clf@2k``.
 
 With ``reference`` (a ``.npz`` of ``mu`` and ``sigma``, a path or URL: EDM's ``fid-refs``, e.g.
 https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, fetched once into ``<cache_dir>/refs``)
