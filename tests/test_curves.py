@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
 import yaml
 
 from distillbench.callbacks.evaluation import PeriodicEvaluation, declare_wandb_metrics, gather_shards, shard
-from distillbench.sweeps import load_sweep, plot_sweep
+from distillbench.sweeps import check_one_protocol, load_sweep, plot_sweep, swept_keys
 from tests.helpers import compose, run_cli
 
 TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=256",
@@ -38,6 +40,11 @@ def test_a_2x2_sweep_makes_four_runs_with_the_same_evaluation_points(sweep_2x2):
         ("sim", 1e-4), ("sim", 1e-3), ("sid", 1e-4), ("sid", 1e-3)}  # fmt: skip
     assert (sweep / "curves.png").stat().st_size > 10_000
     assert "sweep summary:" in proc.stdout
+    assert combined["protocol"].nunique() == 1, "every evaluation of every job carries the same protocol"
+    record = json.loads(combined["protocol"][0])
+    assert record["extractor"] == "data" and record["n"] == 256 and record["real"].startswith("toy2d/train")
+    assert json.loads((jobs[0] / "summary.json").read_text())["protocol"] == record
+    assert "protocol" not in swept_keys(combined)
 
 
 def test_every_sweep_job_keeps_its_grids_and_its_own_wandb_name_in_one_group(sweep_2x2):
@@ -128,6 +135,8 @@ def test_wandb_summarises_fid_by_its_minimum_with_exact_names():
     calls = []
 
     class Run:
+        summary = {}
+
         def define_metric(self, name, **kwargs):
             calls.append((name, kwargs.get("summary")))
 
@@ -136,10 +145,12 @@ def test_wandb_summarises_fid_by_its_minimum_with_exact_names():
 
     trainer = type("T", (), {"loggers": [WandbLogger()]})()
     declared = set()
-    row = {"kimg": 0.0, "gen_step": 0, "fid_clf@1k": 3.0, "is_clf@1k": 9.0, "precision_clf@1k": 0.8}
+    row = {"kimg": 0.0, "gen_step": 0, "fid_clf@1k": 3.0, "is_clf@1k": 9.0, "precision_clf@1k": 0.8,
+           "protocol": '{"extractor":"clf","n":1000}'}  # fmt: skip
     declare_wandb_metrics(trainer, row, declared)
     declare_wandb_metrics(trainer, row, declared)
     assert calls == [("eval/fid_clf@1k", "min"), ("eval/is_clf@1k", "max"), ("eval/precision_clf@1k", "max")]
+    assert Run.summary == {"eval/protocol": {"extractor": "clf", "n": 1000}}, "the record, in the run summary"
 
 
 def test_the_wandb_run_id_is_kept_beside_the_checkpoints(tmp_path, monkeypatch):
@@ -244,3 +255,12 @@ def test_metrics_that_differ_between_jobs_are_never_taken_for_swept_settings():
                          )  # fmt: skip
     fig = plot_sweep(frame, metrics=["fid"])
     assert len(fig.axes) == 1 and fig.axes[0].get_legend().get_title().get_text() == "distill.sigma_init"
+
+
+def test_a_sweep_measured_under_two_protocols_is_refused():
+    protocols = ['{"weights":"sha256:aa"}'] * 2 + ['{"weights":"sha256:bb"}']
+    frame = pd.DataFrame({"job": ["0", "0", "1"], "kimg": [0.0, 1.0, 0.0], "fid_clf@1k": [6.0, 5.0, 7.0],
+                          "protocol": protocols})  # fmt: skip
+    with pytest.raises(ValueError, match=r"different protocols \(jobs \['0'\]: .*aa.*; jobs \['1'\]: .*bb"):
+        check_one_protocol(frame, "sweep")
+    check_one_protocol(frame[frame["job"] == "0"], "sweep")

@@ -111,6 +111,9 @@ def test_toy2d_matches_mixture_weights():
     quadrant = (x[:, 0] > 0).long() * 2 + (x[:, 1] > 0).long()  # means in order (-,-), (-,+), (+,-), (+,+)
     freq = torch.bincount(quadrant, minlength=4).double() / len(x)
     assert torch.allclose(freq, torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), atol=0.03)
+    other_seed = Toy2DDataModule(n_train=4000, n_test=100, seed=3)
+    assert torch.equal(other_seed.arrays("train")[0], x), "one data set whatever the run's seed"
+    assert not torch.equal(Toy2DDataModule(n_train=4000, n_test=100, sample_seed=1).arrays("train")[0], x)
 
 
 # --- MNIST ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distillbench.errors import ConfigError
-from distillbench.evaluate import COLUMNS, build, noise_means, read_table, upsert_row
+from distillbench.evaluate import COLUMNS, as_cell, build, find_row, noise_means, read_table, upsert_row
 from distillbench.runs import LATER_COUNTERS, load_run
 from tests.helpers import compose, run_cli, run_folder
 
@@ -45,12 +45,14 @@ def test_student_run_adds_a_row_that_matches_training_evaluation(workspace, stud
     row = table.iloc[0]
     assert row["model"] == "train" and row["method"] == "SIM" and row["data"] == "toy2d"
     assert row["extractor"] == "data" and row["n"] == 64 and row["nfe"] == 1 and row["samples_per_second"] > 0
-    trained = json.loads((student_run / "summary.json").read_text())["student"]
-    assert row["fid"] == pytest.approx(trained["fid_data@64"]), "same fixed noise as training's evaluation"
+    trained = json.loads((student_run / "summary.json").read_text())
+    assert row["fid"] == pytest.approx(trained["student"]["fid_data@64"]), "same fixed noise as training's"
+    assert json.loads(row["protocol"]) == trained["protocol"], "and measured the same way"
     folder = run_folder(proc)
     for name in ["config.yaml", "samples.png", "summary.json"]:
         assert (folder / name).is_file(), name
-    assert json.loads((folder / "summary.json").read_text())["fid"] == pytest.approx(row["fid"])
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["fid"] == pytest.approx(row["fid"]) and summary["protocol"] == trained["protocol"]
 
 
 def test_a_checkpoint_older_than_the_counters_loads_with_them_at_zero_and_a_warning(student_run, tmp_path):
@@ -80,6 +82,16 @@ def test_teacher_row_has_the_sampler_nfe_and_is_reused(workspace, tmp_path):
     assert json.loads((tmp_path / "second" / "summary.json").read_text())["fid"] == row["fid"]
     assert (tmp_path / "second" / "samples.png").is_file()
 
+    table = pd.read_csv(results, dtype=str, keep_default_na=False)  # a row measured another way is redone
+    record = json.loads(table.loc[0, "protocol"])
+    table.loc[0, "protocol"] = json.dumps(record | {"weights": "sha256:0000000000000000"})
+    table.to_csv(results, index=False)
+    proc = evaluate(workspace, results, *args, f"hydra.run.dir={tmp_path / 'third'}")
+    assert "measured under another protocol; measuring again" in proc.stdout
+    again = pd.read_csv(results)
+    assert len(again) == 1 and json.loads(again.loc[0, "protocol"]) == record
+    assert again.loc[0, "fid"] == row["fid"], "the same figure, measured again"
+
 
 def test_sweep_writes_the_fid_versus_nfe_table_and_figure(workspace, student_run, tmp_path):
     results, sweep = tmp_path / "results.csv", tmp_path / "sweep"
@@ -92,7 +104,8 @@ def test_sweep_writes_the_fid_versus_nfe_table_and_figure(workspace, student_run
     assert sorted(table["nfe"]) == [1, 3, 5]
     assert len(pd.read_csv(results)) == 3
     markdown = (sweep / "results.md").read_text().splitlines()
-    assert len(markdown) == 2 + 3 and "teacher/toy2d/heun-2" in markdown[2]
+    assert len(markdown) == 2 + 3 + 2 and "teacher/toy2d/heun-2" in markdown[2]
+    assert table["protocol"].nunique() == 1 and markdown[-1] == f"protocol: `{table['protocol'][0]}`"
     assert (sweep / "fid_vs_nfe.png").stat().st_size > 0
     assert (sweep / "precision_recall.png").stat().st_size > 0
     assert len((sweep / "noise_means.md").read_text().splitlines()) == 2 + 3, "one noise seed: a row each"
@@ -101,7 +114,7 @@ def test_sweep_writes_the_fid_versus_nfe_table_and_figure(workspace, student_run
 def test_noise_means_averages_each_model_over_its_noise_seeds():
     teacher = "teacher/digits/dpmpp2m-20"
     base = {"data": "digits", "extractor": "clf", "n": 2000, "precision": 0.9, "recall": 0.8,
-            "samples_per_second": 10.0}  # fmt: skip
+            "samples_per_second": 10.0, "protocol": '{"extractor":"clf"}'}  # fmt: skip
     cases = [(teacher, 20, 0, 0.4), (teacher, 20, 2, 0.6), ("run", 8, 0, 1.0)]
     rows = [base | {"model": m, "nfe": nfe, "noise_seed": seed, "fid": fid} for m, nfe, seed, fid in cases]
     lines = noise_means(pd.DataFrame(rows)).splitlines()
@@ -156,6 +169,10 @@ def test_upsert_replaces_the_row_of_its_key_and_keeps_the_others(tmp_path):
     assert list(table["n"]) == ["128", "64"] and list(table["fid"]) == ["0.25", "0.125"]
     assert list(table["is"]) == ["", ""]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.csv.lock", "results.csv"]
+    older = [column for column in COLUMNS if column != "protocol"]  # a table from before protocol records
+    path.write_text(",".join(older) + "\n" + ",".join(as_cell(row[c]) for c in older) + "\n")
+    assert read_table(path)["protocol"].tolist() == [""]
+    assert find_row(read_table(path), {"model": "m"})["protocol"] is None, "never equal to a suite's record"
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match="is not a results table"):
         upsert_row(path, row)

@@ -3,6 +3,7 @@ whole toy2d suite with its table, CSV and figure."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,41 @@ def test_a_readme_without_the_suite_s_block_is_refused(tmp_path):
     assert readme.read_text() == "# no block\n"
 
 
+def fake_cells(out: Path, protocol: dict) -> None:
+    """Finished cells of the SMALL suite, written by hand: configs and summaries with ``protocol``."""
+    shared = {"teacher": {"_target_": "toy"}, "metrics": {"_target_": "suite", "n": 64}}
+    for seed in (0, 1):
+        folder = out / "cells" / "sim" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        config = shared | {"eval": {"n": 64, "noise_seed": 0}, "budget_tfe": 15000}
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+        student = {"nfe": 1, "fid_data@64": 0.5 + seed, "samples_per_second": 9.0}
+        summary = {"student": student, "tfe": 14000.0, "train_seconds": 3.0, "protocol": protocol}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    folder = out / "teacher" / "heun-2"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(shared | {"n": 64, "noise_seed": 0}))
+    row = {"nfe": 3, "fid": 0.2, "is": None, "precision": 0.9, "recall": 0.9, "samples_per_second": 99.0}
+    (folder / "summary.json").write_text(json.dumps(row | {"protocol": protocol}))
+
+
+def test_cells_measured_under_another_protocol_or_none_are_refused(tmp_path):
+    protocol = {"extractor": "data", "weights": None, "preprocessing": "flatten", "n": 64}
+    fake_cells(tmp_path, protocol)
+    table = collect(suite(*SMALL), tmp_path)
+    assert list(table["method"]) == ["sim", "sim", "teacher heun"]
+    assert set(table["protocol"]) == {json.dumps(protocol, sort_keys=True, separators=(",", ":"))}
+
+    teacher = tmp_path / "teacher" / "heun-2" / "summary.json"
+    row = json.loads(teacher.read_text())
+    teacher.write_text(json.dumps(row | {"protocol": protocol | {"preprocessing": "uint8"}}))
+    with pytest.raises(ConfigError, match=r"teacher heun-2 differs from sim seed 0 in \['protocol'\]"):
+        collect(suite(*SMALL), tmp_path)
+    teacher.write_text(json.dumps({k: v for k, v in row.items() if k != "protocol"}))
+    with pytest.raises(ConfigError, match=r"holds no protocol record .* delete .*heun-2 to measure"):
+        collect(suite(*SMALL), tmp_path)
+
+
 def start_suite(out_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "distillbench.leaderboard", *SMALL, f"out_dir={out_dir}",
                f"hydra.run.dir={out_dir / 'run'}", "threads=1", *extra]  # fmt: skip
@@ -127,6 +163,8 @@ def test_a_killed_suite_run_restarts_without_rerunning_finished_cells(tmp_path):
     assert first_done.stat().st_mtime_ns == finished_at, "a finished cell was run again"
     table = pd.read_csv(out / "leaderboard.csv")
     assert list(table["method"]) == ["sim", "sim", "teacher heun"] and table["fid"].notna().all()
+    assert table["protocol"].nunique() == 1 and json.loads(table["protocol"][0])["extractor"] == "data"
+    assert f"- protocol: `{table['protocol'][0]}`" in (out / "leaderboard.md").read_text()
     assert (table["tfe"][:2] <= 15000).all() and (table["tfe"][:2] > 15000 - 256 * 13).all()
     text = page.read_text()
     assert text.startswith("# Mine\n<!-- leaderboard:toy2d -->\n- command:") and text.endswith("kept\n")

@@ -3,6 +3,8 @@ toy-2D mode shares, metric names, extractors (classifier, Inception loader) and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import hydra
@@ -32,6 +34,7 @@ from distillbench.metrics import (
     load_classifier,
     metric_name,
     precision_recall,
+    protocol_text,
 )
 from distillbench.metrics.classifier_training import save_classifier, train_classifier
 from distillbench.nets.classifier import SmallClassifier
@@ -263,6 +266,59 @@ def test_suite_rejects_other_dataset_and_too_few_samples():
         MetricSuite(IdentityFeatures(2), n=100).evaluate(torch.randn(50, 2), GivenData(torch.randn(100, 2)))
 
 
+# --- protocol records ---------------------------------------------------------------------------------------
+
+
+class Shifted(IdentityFeatures):
+    """Identity features after a shift: another preprocessing of the same (weightless) extractor."""
+
+    preprocessing = "x+1"
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_protocol_names_extractor_weights_preprocessing_n_and_the_real_side(tmp_path):
+    real = torch.randn(300, 3)
+    suite = MetricSuite(IdentityFeatures(3), n=200, metrics=["fid", "pr"], dataset="given", seed=4)
+    record = suite.protocol(GivenData(real))
+    fingerprint = suite.real_stats(GivenData(real)).fingerprint
+    assert record == {"extractor": "data", "weights": None, "preprocessing": "flatten", "n": 200,
+                      "real": "given/train: 200 samples, seed 4", "real_digest": f"sha1:{fingerprint[:16]}",
+                      "reference": None, "reference_digest": None}  # fmt: skip
+    assert suite.protocol(GivenData(real + 1))["real_digest"] != record["real_digest"], "other real samples"
+    text = protocol_text(record)
+    assert "\n" not in text and json.loads(text) == record and list(json.loads(text)) == sorted(record)
+
+    np.savez(tmp_path / "refs.npz", mu=np.zeros(3), sigma=np.eye(3))
+    digest = hashlib.sha256((tmp_path / "refs.npz").read_bytes()).hexdigest()
+    refs = str(tmp_path / "refs.npz")
+    by_reference = MetricSuite(IdentityFeatures(3), n=200, metrics=["fid"], reference=refs)
+    record = by_reference.protocol(GivenData(real))
+    assert (record["reference"], record["reference_digest"]) == (refs, f"sha256:{digest[:16]}")
+    assert record["real"] is record["real_digest"] is None, "FID against the reference uses no real data"
+
+
+def test_protocol_of_the_shipped_classifier_names_its_file_digest(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "src/distillbench/assets/classifiers/digits.safetensors"
+    extractor = ClassifierFeatures(path)
+    assert extractor.weights_digest() == f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    assert extractor.preprocessing == ClassifierLogits(path).preprocessing == "float[-1,1],as-sampled"
+    given = ClassifierFeatures(load_classifier(path))  # a module, not a file: the digest of its tensors
+    assert given.weights_digest().startswith("tensors-sha256:")
+    assert given.weights_digest() == ClassifierFeatures(load_classifier(path)).weights_digest()
+    assert given.weights_digest() != ClassifierFeatures(SmallClassifier()).weights_digest()
+
+
+def test_cached_real_stats_are_recomputed_for_another_preprocessing(tmp_path):
+    real = torch.randn(100, 3)
+    path = tmp_path / "stats.npz"
+    plain = cached_real_stats(IdentityFeatures(3), real, path)
+    shifted = cached_real_stats(Shifted(3), real, path)
+    assert shifted.fingerprint != plain.fingerprint
+    np.testing.assert_allclose(shifted.mu, plain.mu + 1)
+
+
 # --- toy 2-D ------------------------------------------------------------------------------------------------
 
 
@@ -364,6 +420,8 @@ def test_inception_loader_on_a_tiny_scripted_module(tmp_path, monkeypatch):
 
     assert inception_weights_path() == package / "default_1.pt"
     extractor = InceptionFeatures()
+    digest = hashlib.sha256((package / "default_1.pt").read_bytes()).hexdigest()
+    assert extractor.weights_digest() == f"sha256:{digest[:16]}", "what sha256sum prints, shortened"
     x = torch.stack([-torch.ones(1, 8, 8), torch.ones(1, 8, 8)])  # grey 8×8 images, black and white
     out = extractor(x)
     assert out.shape == (2, 2048)

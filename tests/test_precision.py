@@ -121,7 +121,8 @@ def test_the_trainer_lays_out_and_compiles_every_network_and_keeps_the_checkpoin
                       compile=True, channels_last=True, compile_backend="eager")  # fmt: skip
     trainer.fit(method, datamodule=data)
     nets = denoisers(method)
-    assert {id(n) for n in nets} >= {id(method.generator), id(method.fake), id(method.ema), id(method.teacher)}
+    expected = {id(method.generator), id(method.fake), id(method.ema), id(method.teacher)}
+    assert {id(n) for n in nets} >= expected
     for net in nets:
         assert net.net._compiled_call_impl is not None, "compiled in place"
         kernels = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]

@@ -190,6 +190,9 @@ class MeanMetric:
     def evaluate(self, x, datamodule):
         return {"mean": float(x.mean())}
 
+    def protocol(self, datamodule):
+        return {"extractor": "mean"}
+
 
 def test_stage_evaluation_samples_each_stage_at_its_own_step_count():
     method = ProgressiveDistillation(analytic_teacher(), mlp_denoiser(), n_start=4, stage_steps=1)

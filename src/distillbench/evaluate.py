@@ -3,9 +3,11 @@
 Evaluates a trained one-step student (its EMA generator) or, with ``run=teacher``, the ``teacher`` with the
 ``sampler`` choice, on the fixed evaluation noise and labels that training's periodic evaluation uses, so
 the figures compare. The row (model, method, data, extractor, n, NFE, FID, IS, KID, precision, recall,
-samples/s) goes into the cumulative table ``results`` (CSV, rewritten atomically). A row is keyed by
-(model, data, n, extractor, noise_seed); a key already in the table is reused instead of recomputed unless
-``force=true``, so sweeps that cross students with sampler settings stay cheap and resume after a stop.
+samples/s and the metric suite's protocol record) goes into the cumulative table ``results`` (CSV, rewritten
+atomically). A row is keyed by (model, data, n, extractor, noise_seed); a key already in the table is reused
+instead of recomputed unless ``force=true`` or its protocol differs from the suite's now (other weights,
+preprocessing or real statistics), so sweeps that cross students with sampler settings stay cheap and resume
+after a stop.
 
 Each job writes its run folder: ``config.yaml``, ``samples.png`` and ``summary.json`` (the row). After a
 ``-m`` sweep, :class:`SweepReport` (a Hydra callback) gathers the jobs' rows into ``results.csv``,
@@ -31,7 +33,7 @@ from omegaconf import DictConfig
 
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
-from distillbench.metrics.suite import MetricSuite, format_count
+from distillbench.metrics.suite import PROTOCOL, MetricSuite, format_count, protocol_text
 from distillbench.runs import CHECKPOINT, load_run, locate_run
 from distillbench.samplers.generate import StudentSampler, generate
 from distillbench.utils.images import save_samples_figure
@@ -49,7 +51,7 @@ from distillbench.utils.runs import (
 from distillbench.utils.tables import print_summary
 
 COLUMNS = ("time", "model", "method", "data", "extractor", "n", "noise_seed", "nfe",
-           "fid", "is", "kid", "precision", "recall", "samples_per_second")  # fmt: skip
+           "fid", "is", "kid", "precision", "recall", "samples_per_second", PROTOCOL)  # fmt: skip
 KEY = ("model", "data", "n", "extractor", "noise_seed")
 FIGURES = ("fid", "is", "kid", "precision", "recall")
 INTEGERS = ("n", "noise_seed", "nfe")
@@ -144,7 +146,7 @@ def measure(subject: Subject, cfg: DictConfig) -> tuple[dict, torch.Tensor]:
     figures = subject.metrics.evaluate(x, subject.datamodule)
     row = {"time": datetime.now().isoformat(timespec="seconds"), "method": subject.method, "nfe": int(nfe),
            **subject.key(cfg), **{kind: figures.get(subject.metrics.metric_name(kind)) for kind in FIGURES},
-           "samples_per_second": rate}  # fmt: skip
+           "samples_per_second": rate, PROTOCOL: subject.metrics.protocol(subject.datamodule)}  # fmt: skip
     return {column: row[column] for column in COLUMNS}, x[: cfg.grid_size]
 
 
@@ -153,10 +155,15 @@ def measure(subject: Subject, cfg: DictConfig) -> tuple[dict, torch.Tensor]:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """The results table with every cell as text; an empty one with the header when the file is missing."""
+    """The results table with every cell as text; an empty one with the header when the file is missing.
+
+    A table written before rows carried their protocol gets an empty protocol column: its rows are then
+    never reused, only recomputed."""
     if not path.is_file():
         return pd.DataFrame(columns=list(COLUMNS), dtype=str)
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if PROTOCOL not in table.columns:
+        table[PROTOCOL] = ""
     missing = [column for column in COLUMNS if column not in table.columns]
     if missing:
         raise ConfigError(f"results={path} is not a results table (it lacks {missing}); choose another file")
@@ -174,6 +181,8 @@ def typed_row(cells: dict[str, str]) -> dict:
     """A table row's text cells as numbers where they are numbers (empty figures as None)."""
 
     def convert(column: str, text: str):
+        if column == PROTOCOL:
+            return json.loads(text) if text else None
         if column in INTEGERS:
             return int(text)
         if column in FLOATS:
@@ -189,6 +198,8 @@ def find_row(table: pd.DataFrame, key: dict) -> dict | None:
 
 
 def as_cell(value) -> str:
+    if isinstance(value, dict):
+        return protocol_text(value)
     return "" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
@@ -225,6 +236,9 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     subject.denoiser.to(device)
     subject.metrics.to(device)
+    if row is not None and row[PROTOCOL] != subject.metrics.protocol(subject.datamodule):
+        print(f"results: the row of {key} in {results} was measured under another protocol; measuring again")
+        row = None
     if row is None:
         row, grid = measure(subject, cfg)
         upsert_row(results, row)
@@ -252,7 +266,7 @@ def main(cfg: DictConfig) -> None:
 def gather_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     """The rows (``summary.json``) of a sweep's jobs, one per key (the newest); teachers, then students."""
     rows = [json.loads(p.read_text()) for p in Path(sweep_dir).glob("*/summary.json")]
-    rows = [row for row in rows if all(column in row for column in COLUMNS)]
+    rows = [row | {PROTOCOL: protocol_text(row[PROTOCOL])} for row in rows if all(c in row for c in COLUMNS)]
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table = table.sort_values("time").drop_duplicates(list(KEY), keep="last")
     table["student"] = ~table["model"].str.startswith(TEACHER_PREFIX)
@@ -261,7 +275,8 @@ def gather_sweep(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    columns = [column for column in COLUMNS if column != "time"]
+    """The rows without their time; the protocol records, too long for a column, listed below the table."""
+    columns = [column for column in COLUMNS if column not in ("time", PROTOCOL)]
 
     def cell(value) -> str:
         return "" if pd.isna(value) else f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -269,6 +284,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     rows = table[columns].itertuples(index=False)
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    lines += ["", *(f"{PROTOCOL}: `{text}`" for text in table[PROTOCOL].unique())]
     return "\n".join(lines) + "\n"
 
 
@@ -350,9 +366,9 @@ def noise_means(table: pd.DataFrame) -> str:
     FID at a few thousand samples moves with the noise set more than the gaps between close models, so
     comparisons are made on means over several noise seeds (``-m noise_seed=0,2,3``).
     """
-    groups = table.groupby(["model", "data", "extractor", "n", "nfe"], sort=False)
+    groups = table.groupby(["model", "data", "extractor", "n", "nfe", PROTOCOL], sort=False)
     lines = ["| model | NFE | noise seeds | " + " | ".join(SPREAD) + " |", "|" + "---|" * (3 + len(SPREAD))]
-    for (model, _, _, _, nfe), rows in groups:
+    for (model, _, _, _, nfe, _), rows in groups:
         seeds = ",".join(str(seed) for seed in sorted(rows["noise_seed"]))
         figures = [f"{rows[c].mean():.4g} ± {rows[c].std(ddof=0):.2g}" for c in SPREAD]
         lines.append(f"| {model} | {nfe} | {seeds} | " + " | ".join(figures) + " |")

@@ -12,9 +12,10 @@ folder under ``out_dir``:
 
 Fairness, enforced here: method overrides may not touch the teacher, the metric suite, the evaluation, the
 budget or the seed (the suite sets them for every cell), and every finished cell's recorded config must show
-the same teacher, metric suite (feature extractor), sample count and evaluation noise, and the training
-cells the same budget. The score methods are evaluated with their generator's EMA; progressive and direct
-distillation keep no EMA in their papers and are evaluated with their trained weights.
+the same teacher, metric suite (feature extractor), sample count and evaluation noise, its ``summary.json``
+the same protocol record (extractor weights, preprocessing, real statistics: docs/metrics.md), and the
+training cells the same budget. The score methods are evaluated with their generator's EMA; progressive and
+direct distillation keep no EMA in their papers and are evaluated with their trained weights.
 
 Resumable: a cell with ``summary.json`` is finished and skipped, one with a checkpoint resumes from it
 (``resume=<cell>``), anything else starts over. The outputs are rebuilt from the cells at the end:
@@ -42,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.evaluate import display_path, save_figure
+from distillbench.metrics.suite import PROTOCOL, protocol_text
 from distillbench.sweeps import EVAL_FILE, metric_column, metric_kind
 from distillbench.utils.io import atomic_write_json, atomic_write_text, atomic_writer
 from distillbench.utils.runs import cli, task
@@ -188,11 +190,25 @@ def cell_config(folder: Path) -> DictConfig:
     return OmegaConf.load(folder / "config.yaml")
 
 
-def fairness_record(cfg: DictConfig, training: bool) -> dict:
-    """What must be the same in every cell: teacher, metric suite, sample count, evaluation noise."""
+def cell_summary(folder: Path) -> dict:
+    """A finished cell's ``summary.json``, which must hold the protocol record of its figures."""
+    path = folder / "summary.json"
+    summary = json.loads(path.read_text())
+    if not summary.get(PROTOCOL):
+        raise ConfigError(
+            f"{path} holds no protocol record (the cell finished before figures carried one), so its figures "
+            f"cannot be checked to compare: delete {folder} to measure the cell again"
+        )
+    return summary
+
+
+def fairness_record(cfg: DictConfig, summary: dict, training: bool) -> dict:
+    """What must be the same in every cell: teacher, metric suite, sample count, evaluation noise and the
+    protocol record of the figures (extractor weights, preprocessing, real statistics)."""
     n, noise = (cfg.eval.n, cfg.eval.noise_seed) if training else (cfg.n, cfg.noise_seed)
     metrics = {k: v for k, v in OmegaConf.to_container(cfg.metrics).items() if k not in ("n", "cache_dir")}
-    return {"teacher": OmegaConf.to_container(cfg.teacher), "metrics": metrics, "n": n, "noise_seed": noise}
+    return {"teacher": OmegaConf.to_container(cfg.teacher), "metrics": metrics, "n": n, "noise_seed": noise,
+            PROTOCOL: summary[PROTOCOL]}  # fmt: skip
 
 
 def check_fair(records: dict[str, dict], budgets: dict[str, float]) -> None:
@@ -203,38 +219,39 @@ def check_fair(records: dict[str, dict], budgets: dict[str, float]) -> None:
         if changed:
             raise ConfigError(
                 f"{label} differs from {first} in {changed}: the leaderboard compares only cells with the "
-                "same teacher, metric suite, sample count and evaluation noise"
+                "same teacher, metric suite, sample count, evaluation noise and protocol"
             )
     if len(set(budgets.values())) > 1:
         raise ConfigError(f"the training cells ran with different budgets: {budgets}")
 
 
-def student_row(name: str, seed: int, folder: Path) -> dict:
-    summary = json.loads((folder / "summary.json").read_text())
+def student_row(name: str, seed: int, summary: dict) -> dict:
     student = summary["student"]
     figures = {metric_kind(k): v for k, v in student.items() if "@" in k}
     return {"method": name, "seed": seed, "nfe": student["nfe"], **{k: figures.get(k) for k in FIGURES},
             "tfe": summary["tfe"], "train_seconds": summary["train_seconds"],
-            "samples_per_second": student["samples_per_second"]}  # fmt: skip
+            "samples_per_second": student["samples_per_second"],
+            PROTOCOL: protocol_text(summary[PROTOCOL])}  # fmt: skip
 
 
-def teacher_row(sampler: str, steps: int, folder: Path) -> dict:
-    row = json.loads((folder / "summary.json").read_text())
+def teacher_row(sampler: str, steps: int, row: dict) -> dict:
     return {"method": f"teacher {sampler}", "seed": None, "nfe": row["nfe"], **{k: row[k] for k in FIGURES},
-            "tfe": 0.0, "train_seconds": 0.0, "samples_per_second": row["samples_per_second"]}  # fmt: skip
+            "tfe": 0.0, "train_seconds": 0.0, "samples_per_second": row["samples_per_second"],
+            PROTOCOL: protocol_text(row[PROTOCOL])}  # fmt: skip
 
 
 def collect(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     """One row per cell, after checking the cells compare."""
     rows, records, budgets = [], {}, {}
     for name, seed, folder in training_cells(suite, out_dir):
-        cfg = cell_config(folder)
+        cfg, summary = cell_config(folder), cell_summary(folder)
         label = f"{name} seed {seed}"
-        records[label], budgets[label] = fairness_record(cfg, True), cfg.budget_tfe
-        rows.append(student_row(name, seed, folder))
+        records[label], budgets[label] = fairness_record(cfg, summary, True), cfg.budget_tfe
+        rows.append(student_row(name, seed, summary))
     for sampler, steps, folder in sampler_cells(suite, out_dir):
-        records[f"teacher {sampler}-{steps}"] = fairness_record(cell_config(folder), False)
-        rows.append(teacher_row(sampler, steps, folder))
+        summary = cell_summary(folder)
+        records[f"teacher {sampler}-{steps}"] = fairness_record(cell_config(folder), summary, False)
+        rows.append(teacher_row(sampler, steps, summary))
     check_fair(records, budgets)
     return pd.DataFrame(rows).astype({"seed": "Int64"})
 
@@ -337,6 +354,7 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
               "teacher": teacher_name(first.teacher),
               "evaluation": f"{suite.eval.n} samples on noise seed {suite.eval.noise_seed}, "
                             f"{first.metrics.extractor._target_.rsplit('.', 1)[-1]} features",
+              PROTOCOL: f"`{table[PROTOCOL].iloc[0]}`",
               "seeds": list(suite.seeds)}  # fmt: skip
     atomic_write_text(out_dir / "leaderboard.md", markdown(summary, suite, header))
     title = f"{suite.name}: {suite.budget_tfe:.3g} teacher-forward equivalents per method"

@@ -2,7 +2,8 @@
 
 Draws ``n`` samples from a teacher with a deterministic sampler on fixed noise and writes the output
 contract: ``config.yaml``, ``samples.npz`` (``x`` N×C×H×W in [-1, 1], ``labels`` when conditional),
-``samples.png`` and ``summary.json`` (NFE, samples per second and the metrics of the samples).
+``samples.png`` and ``summary.json`` (NFE, samples per second, the metrics of the samples and their protocol
+record).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from distillbench.config import CONFIG_DIR
+from distillbench.metrics.suite import PROTOCOL
 from distillbench.samplers.generate import generate
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
@@ -53,7 +55,7 @@ def sample(cfg: DictConfig) -> dict:
     save_samples_figure(x[: cfg.grid_size], out / "samples.png", title=f"{type(sampler).__name__}, {nfe} NFE")
     summary = {"nfe": nfe, "n": cfg.n, "samples_per_second": cfg.n / seconds}
     if metrics is not None:
-        summary |= metrics.evaluate(x, datamodule)
+        summary |= metrics.evaluate(x, datamodule) | {PROTOCOL: metrics.protocol(datamodule)}
     write_summary(cfg, summary)
     print_summary(summary, title=f"sample: {type(sampler).__name__}")
     return summary

@@ -17,6 +17,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from matplotlib import pyplot as plt
 
+from distillbench.metrics.suite import PROTOCOL
+
 EVAL_FILE = "eval.csv"
 AXES = ("kimg", "gen_step", "tfe")  # an evaluation row's x-axes: generator kimg and steps, compute spent
 SEED_KEYS = ("seed",)
@@ -32,7 +34,9 @@ def job_overrides(job_dir: Path) -> dict[str, str]:
 
 
 def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
-    """Every job's ``eval.csv`` rows, with ``job`` and one column per overridden key (``method``, ...)."""
+    """Every job's ``eval.csv`` rows, with ``job`` and one column per overridden key (``method``, ...).
+
+    The rows must share one protocol record (the jobs measured alike), else the figures do not compare."""
     frames = []
     for csv in sorted(Path(sweep_dir).glob(f"*/{EVAL_FILE}")):
         frame = pd.read_csv(csv)
@@ -42,7 +46,20 @@ def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
         frames.append(frame)
     if not frames:
         raise FileNotFoundError(f"no */{EVAL_FILE} under {sweep_dir}: is it the folder of a training sweep?")
-    return pd.concat(frames, ignore_index=True)
+    frame = pd.concat(frames, ignore_index=True)
+    check_one_protocol(frame, sweep_dir)
+    return frame
+
+
+def check_one_protocol(frame: pd.DataFrame, where) -> None:
+    """Refuse a table whose figures were measured under more than one protocol record."""
+    if PROTOCOL in frame.columns and frame[PROTOCOL].nunique(dropna=False) > 1:
+        jobs = frame.groupby(PROTOCOL, dropna=False)["job"].unique()
+        listing = "; ".join(f"jobs {sorted(set(j))}: {p}" for p, j in jobs.items())
+        raise ValueError(
+            f"the jobs under {where} were measured under different protocols ({listing}); their figures do "
+            "not compare: summarise the jobs of one protocol (move the others out), or measure them again"
+        )
 
 
 def latest_sweep(root: str | Path) -> Path:
@@ -93,8 +110,9 @@ def summary_table(frame: pd.DataFrame, metric: str = "fid", by=None) -> pd.DataF
 
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
-    """The settings columns: everything but the job, the x-axes and the metrics (named ``kind_ext@n``)."""
-    return [c for c in frame.columns if c not in ("job", *AXES) and "@" not in c]
+    """The settings columns: everything but the job, the x-axes, the metrics (named ``kind_ext@n``) and
+    their protocol."""
+    return [c for c in frame.columns if c not in ("job", *AXES, PROTOCOL) and "@" not in c]
 
 
 def swept_keys(frame: pd.DataFrame) -> list[str]:

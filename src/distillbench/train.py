@@ -3,7 +3,8 @@
 Writes the output contract into its run folder: ``config.yaml``, ``metrics.csv`` (losses and the periodic
 evaluation of the EMA generator against kimg), ``student.png`` beside ``teacher.png`` (same noise and
 labels), ``curves.png``, ``checkpoints/step_<generator step>.ckpt`` with ``checkpoints/last.ckpt``,
-``samples.npz`` and ``summary.json``, then prints a table of teacher versus one-step student.
+``samples.npz`` and ``summary.json`` (with the metric suite's protocol record), then prints a table of
+teacher versus one-step student.
 ``resume=<run folder>`` continues a killed (or finished) run there (:mod:`distillbench.resume`).
 """
 
@@ -33,6 +34,7 @@ from distillbench.data.noise import NoiseDataModule
 from distillbench.data.trajectories import check_held_out, teacher_forwards
 from distillbench.distributed import is_rank_zero, slurm_plugins
 from distillbench.errors import ConfigError
+from distillbench.metrics.suite import PROTOCOL
 from distillbench.resume import check_same_run, checkpoint_to_resume, restore_run_files, resumed_config
 from distillbench.samplers.generate import generate
 from distillbench.sweeps import AXES
@@ -153,13 +155,14 @@ def throughput(fn, n: int) -> float:
 def evaluate_teacher(cfg, teacher, datamodule, metrics, method) -> tuple[dict, torch.Tensor]:
     """The teacher's sampler on the evaluation noise and labels: figures and a grid, cached on disk.
 
-    The cache key is the teacher (config and training record), its sampler, the metric suite and what is
-    measured (n, noise seed, grid size; not the evaluation cadence), so a sweep pays once.
+    The cache key is the teacher (config and training record), its sampler, the metric suite and its
+    protocol record, and what is measured (n, noise seed, grid size; not the evaluation cadence), so a
+    sweep pays once.
     """
     groups = ("teacher", "teacher_sampler", "metrics")
     configs = [OmegaConf.to_container(cfg[k], resolve=True) for k in groups]
     measured = [cfg.eval.n, cfg.eval.noise_seed, cfg.eval.grid_size]
-    parts = [*configs, measured, datamodule.name, getattr(teacher, "info", {})]
+    parts = [*configs, measured, datamodule.name, getattr(teacher, "info", {}), metrics.protocol(datamodule)]
     key = json.dumps(parts, sort_keys=True, default=str)
     path = Path(cfg.paths.cache_dir) / "teacher_eval" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
@@ -205,7 +208,8 @@ def train(cfg: DictConfig) -> dict:
                "gen_steps": int(method.gen_steps), "tfe": float(method.tfe),
                "train_seconds": float(method.train_seconds), "dropped_samples": int(method.dropped_samples),
                "nonfinite_grads": int(method.nonfinite_grads),
-               "student": {k: v for k, v in student.items() if k not in AXES}}  # fmt: skip
+               "student": {k: v for k, v in student.items() if k not in (*AXES, PROTOCOL)},
+               PROTOCOL: metrics.protocol(datamodule)}  # fmt: skip
     stages = next((c.history for c in trainer.callbacks if isinstance(c, StageEvaluation)), None)
     if stages is not None:
         summary["stages"] = stages

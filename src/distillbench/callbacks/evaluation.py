@@ -7,12 +7,14 @@ figures. Every rank takes part in both collectives, so none waits on another.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import torch
 
+from distillbench.metrics.suite import PROTOCOL, protocol_text
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
 from distillbench.sweeps import AXES, EVAL_FILE, HIGHER_IS_BETTER, metric_kind
 from distillbench.utils.images import save_samples_figure
@@ -27,9 +29,11 @@ def shard(n: int, world: int, rank: int) -> tuple[int, int]:
 class PeriodicEvaluation(L.Callback):
     """Logs ``eval/<metric>`` against ``train/kimg`` at kimg 0, every ``every_kimg`` and at the end.
 
-    With ``run_dir`` it also appends the row to ``<run_dir>/eval.csv`` and saves the sample grid of the
-    first ``grid_size`` fixed inputs as ``<run_dir>/grids/step_<generator step>.png``; the grid goes to
-    W&B and TensorBoard as an image at the same x-axis point.
+    Each row carries the metric suite's protocol record (as one text cell, :func:`protocol_text`), which
+    W&B also keeps in the run summary as ``eval/protocol``. With ``run_dir`` it also appends the row to
+    ``<run_dir>/eval.csv`` and saves the sample grid of the first ``grid_size`` fixed inputs as
+    ``<run_dir>/grids/step_<generator step>.png``; the grid goes to W&B and TensorBoard as an image at the
+    same x-axis point.
     """
 
     def __init__(
@@ -73,9 +77,13 @@ class PeriodicEvaluation(L.Callback):
         return local if world == 1 else gather_shards(trainer, local, self.n)
 
     def measure(self, trainer, pl_module, sample=None) -> tuple[dict, torch.Tensor]:
-        """The metrics of :meth:`samples` (measured on rank 0, sent to every rank) and the samples."""
+        """The metrics of :meth:`samples` and their protocol (measured on rank 0, sent to every rank) and
+        the samples."""
         x = self.samples(pl_module, trainer, sample)
-        figures = self.metrics.evaluate(x, self.datamodule) if trainer.is_global_zero else None
+        figures = None
+        if trainer.is_global_zero:
+            figures = self.metrics.evaluate(x, self.datamodule)
+            figures[PROTOCOL] = protocol_text(self.metrics.protocol(self.datamodule))
         return trainer.strategy.broadcast(figures, src=0), x
 
     def evaluate(self, trainer, pl_module) -> dict:
@@ -90,7 +98,7 @@ class PeriodicEvaluation(L.Callback):
     def record(self, trainer, row: dict, grid: torch.Tensor) -> None:
         """Send the row to every logger (and eval.csv), the grid to the image-capable ones and to disk."""
         declare_wandb_metrics(trainer, row, self._declared)
-        scalars = {f"eval/{k}": v for k, v in row.items() if k not in AXES}
+        scalars = {f"eval/{k}": v for k, v in row.items() if k not in (*AXES, PROTOCOL)}
         axes = {f"train/{k}": row[k] for k in AXES if k in row}
         for logger in trainer.loggers:
             logger.log_metrics(scalars | axes, step=row["gen_step"])
@@ -160,8 +168,11 @@ def declare_wandb_axes(trainer) -> None:
 
 
 def declare_wandb_metrics(trainer, row: dict, declared: set[str]) -> None:
-    """Summarise each metric by its best value (FID by its minimum); W&B needs exact names for summaries."""
+    """Summarise each metric by its best value (FID by its minimum); W&B needs exact names for summaries.
+    The row's protocol record goes into the run summary as ``eval/protocol``."""
     for run in wandb_runs(trainer):
+        if PROTOCOL in row:
+            run.summary[f"eval/{PROTOCOL}"] = json.loads(row[PROTOCOL])
         for name in row:
             kind = metric_kind(name)
             if "@" in name and kind in {"fid", "kid"} | HIGHER_IS_BETTER and name not in declared:

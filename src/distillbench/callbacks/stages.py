@@ -13,6 +13,7 @@ import functools
 import lightning as L
 
 from distillbench.callbacks.evaluation import AXES, PeriodicEvaluation
+from distillbench.metrics.suite import PROTOCOL
 
 
 class StageEvaluation(L.Callback):
@@ -39,6 +40,6 @@ class StageEvaluation(L.Callback):
 
     @staticmethod
     def send_to_loggers(trainer, row: dict) -> None:
-        scalars = {f"stage/{k}": v for k, v in row.items() if k not in AXES}
+        scalars = {f"stage/{k}": v for k, v in row.items() if k not in (*AXES, PROTOCOL)}
         for logger in trainer.loggers:
             logger.log_metrics(scalars | {"train/kimg": row["kimg"]}, step=row["gen_step"])

@@ -12,16 +12,19 @@ from distillbench.metrics.extractors import (
 from distillbench.metrics.frechet import FID, frechet_distance, gaussian_stats
 from distillbench.metrics.precision_recall import precision_recall
 from distillbench.metrics.suite import (
+    PROTOCOL,
     MetricSuite,
     RealStats,
     cached_real_stats,
     extract,
     format_count,
     metric_name,
+    protocol_text,
 )
 
 __all__ = [
     "FID",
+    "PROTOCOL",
     "ClassifierFeatures",
     "ClassifierLogits",
     "FeatureExtractor",
@@ -38,4 +41,5 @@ __all__ = [
     "load_classifier",
     "metric_name",
     "precision_recall",
+    "protocol_text",
 ]

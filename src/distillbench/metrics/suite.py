@@ -5,8 +5,9 @@ Fake samples go through the extractor once; FID (Heusel et al. 2017), IS (Salima
 et al. 2019, toy 2-D data adds each mixture mode's sample share, and data with an exact mixture adds the
 ground-truth metrics of :mod:`distillbench.metrics.ground_truth`. Real-side features and statistics are
 computed once per (dataset, split, extractor, n) and cached as ``<cache_dir>/stats/<key>.npz``; the file
-carries a fingerprint of the real samples and the extractor weights, so a changed dataset or a retrained
-classifier recomputes instead of reusing stale statistics. Names carry extractor and count: ``fid_clf@2k``.
+carries a fingerprint of the real samples and the extractor (weights and preprocessing), so a changed
+dataset, a retrained classifier or another preprocessing recomputes instead of reusing stale statistics.
+Names carry extractor and count: ``fid_clf@2k``.
 
 With ``reference`` (a ``.npz`` of ``mu`` and ``sigma``, a path or URL: EDM's ``fid-refs``, e.g.
 https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz, fetched once into ``<cache_dir>/refs``)
@@ -17,6 +18,10 @@ Image samples are clipped to [-1, 1] on their way into the extractor (a no-op fo
 clip); the ground-truth metrics read them unclipped. :meth:`MetricSuite.floor` measures independent exact
 samples (the ``test`` split) the same way: the floor each metric reaches at this n.
 
+:meth:`MetricSuite.protocol` is the record of how the figures are made (extractor, its weights' digest, its
+preprocessing, n, the real side's source and digest); every table and summary that stores a figure stores
+it beside, so that figures made differently are never compared unknowingly (docs/metrics.md).
+
 The suite is local to a process (``sync_on_compute=False``): give it all samples on one rank, or each rank
 its own share.
 """
@@ -24,6 +29,7 @@ its own share.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import urllib.request
 import warnings
@@ -39,6 +45,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from distillbench.errors import ConfigError
 from distillbench.metrics import ground_truth
+from distillbench.metrics.extractors import file_digest
 from distillbench.metrics.frechet import FID, gaussian_stats
 from distillbench.metrics.precision_recall import precision_recall
 from distillbench.utils.images import to_image_range
@@ -47,6 +54,7 @@ from distillbench.utils.io import atomic_writer
 KINDS = ("fid", "is", "kid", "pr", "modes", "log_density_gap", "coverage_tv", "clamped_fraction")
 REFERENCE_COUNT = 50_000  # images behind EDM's fid-refs; (μ, Σ) come back exactly for any count
 FEATURE_KINDS = {"fid", "is", "kid", "pr"}
+PROTOCOL = "protocol"  # the column and key that holds a figure's protocol record in tables and summaries
 
 
 def format_count(n: int) -> str:
@@ -72,9 +80,15 @@ def extract(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.
     return torch.cat([module(b.to(device, torch.float32)).float().cpu() for b in batches])
 
 
+def protocol_text(record: dict) -> str:
+    """A protocol record as one table cell: compact JSON with sorted keys (``json.loads`` reads it back)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
 def fingerprint(extractor: nn.Module, real: torch.Tensor) -> str:
-    """SHA-1 of the extractor (type, name, size, weights) and the real samples."""
-    ext = [type(extractor).__qualname__, extractor.name, getattr(extractor, "num_features", "")]
+    """SHA-1 of the extractor (type, name, size, preprocessing, weights) and the real samples."""
+    ext = [type(extractor).__qualname__, extractor.name, getattr(extractor, "num_features", ""),
+           getattr(extractor, "preprocessing", "")]  # fmt: skip
     h = hashlib.sha1(repr(ext).encode())
     for t in [*extractor.state_dict().values(), real]:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -227,6 +241,7 @@ class MetricSuite:
         self._memo: dict[str, RealStats] = {}
         self._log_density: dict[str, float] = {}
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
+        self._reference_digest: str | None = None
         self._check()
 
     def _check(self) -> None:
@@ -278,8 +293,7 @@ class MetricSuite:
             raise ValueError(f"got {len(fake)} fake samples, the suite needs n={self.n}")
         fake = fake[: self.n]
         needs_features = FEATURE_KINDS & set(self.metrics)
-        data_side = needs_features - {"is"} - ({"fid"} if self.reference else set())
-        real = self.real_stats(datamodule) if data_side else None
+        real = self.real_stats(datamodule) if self.data_side() else None
         feats = extract(self.extractor, fake, self.batch_size) if needs_features else None
         out: dict[str, float] = {}
         for kind in self.metrics:
@@ -313,6 +327,36 @@ class MetricSuite:
         if key not in self._log_density:  # of the exact reference samples, once
             self._log_density[key] = ground_truth.mean_log_density(mixture, self.real(datamodule))
         return ground_truth.mean_log_density(mixture, fake) - self._log_density[key]
+    def data_side(self) -> set[str]:
+        """The metrics that compare with the data's own real samples (FID only without ``reference``)."""
+        return FEATURE_KINDS & set(self.metrics) - {"is"} - ({"fid"} if self.reference else set())
+
+    def protocol(self, datamodule) -> dict:
+        """How this suite's figures are made: the record stored beside each of them (docs/metrics.md).
+
+        ``extractor``, ``weights`` (its SHA-256, shortened), ``preprocessing`` and ``n`` (fake samples) say
+        how samples become features; ``real`` and ``real_digest`` name the data's real samples that KID,
+        precision/recall and (without a reference) FID compare with, and their statistics' fingerprint;
+        ``reference`` and ``reference_digest`` name the published statistics FID compares with instead.
+        Fields a suite does not use are None. Real-side statistics are computed (and cached) if need be.
+        """
+        record = {"extractor": self.extractor.name, "weights": self.extractor.weights_digest(),
+                  "preprocessing": self.extractor.preprocessing, "n": self.n, "real": None,
+                  "real_digest": None, "reference": None, "reference_digest": None}  # fmt: skip
+        if self.data_side():
+            stats = self.real_stats(datamodule)
+            record["real"] = f"{self._dataset(datamodule)}/{self.split}: {stats.n} samples, seed {self.seed}"
+            record["real_digest"] = f"sha1:{stats.fingerprint[:16]}"
+        if self.reference and "fid" in self.metrics:
+            record["reference"] = self.reference
+            record["reference_digest"] = self.reference_digest()
+        return record
+
+    def reference_digest(self) -> str:
+        """The SHA-256 of the ``reference`` file (fetched if need be), shortened as the weights' digests."""
+        if self._reference_digest is None:
+            self._reference_digest = file_digest(fetch_reference(self.reference, self.cache_dir))
+        return self._reference_digest
 
     def _fid(self, real: RealStats | None, feats: torch.Tensor) -> float:
         fid = FID(feature=_GivenFeatures(feats.shape[1]), sync_on_compute=False)
