@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distillbench.callbacks import KimgBudget
-from distillbench.methods.base import forward_equivalents
+from distillbench.methods.accounting import forward_equivalents
 from distillbench.methods.progressive import ProgressiveDistillation
 from distillbench.teachers.denoiser import freeze
 from tests.test_methods import METHODS, fit_one_step, tiny_teacher

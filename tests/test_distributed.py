@@ -18,7 +18,9 @@ from distillbench.data.noise import LabelStream
 from distillbench.data.toy2d import Toy2DDataModule
 from distillbench.distributed import DISTRIBUTED_ENV, distributed_state_reset
 from distillbench.methods.sim import SIM
+from distillbench.nets import MLPBackbone
 from distillbench.teachers.analytic import analytic_teacher
+from distillbench.teachers.denoiser import EDMDenoiser
 from tests.helpers import run_cli, run_folder
 
 TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=64",
@@ -31,7 +33,8 @@ def state(run: Path) -> dict[str, torch.Tensor]:
 
 # ---- per-rank noise ----------------------------------------------------------------------------------------
 def test_ranks_draw_different_rows_of_the_one_process_global_batch():
-    method = SIM(analytic_teacher(Toy2DDataModule()), batch_size=8)
+    student = EDMDenoiser(MLPBackbone(dim=2, hidden=16, depth=1, emb_dim=8), sample_shape=(2,))
+    method = SIM(analytic_teacher(Toy2DDataModule()), student=student, batch_size=8)
 
     def phase_draws(rank: int, world: int) -> list[torch.Tensor]:
         method.rank_and_world = lambda: (rank, world)

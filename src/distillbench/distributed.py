@@ -32,6 +32,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import subprocess_script
 from torch.nn.parallel import DistributedDataParallel
 
+from distillbench.methods.base import DistillationMethod
+
 #: what Lightning and launchers set for a distributed job; restored after every job
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK",
                    "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "OMP_NUM_THREADS")  # fmt: skip
@@ -65,7 +67,7 @@ class NetworkDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         module = self.model
-        names = getattr(module, "ddp_networks", None)
+        names = module.ddp_networks if isinstance(module, DistillationMethod) else None
         if not names:
             return super().configure_ddp()
         device_ids = self.determine_ddp_device_ids()
@@ -75,7 +77,7 @@ class NetworkDDPStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         module = self.lightning_module
-        if module is not None and hasattr(module, "attach_ddp"):
+        if isinstance(module, DistillationMethod):
             module.attach_ddp({})
         super().teardown()
 

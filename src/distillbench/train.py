@@ -98,7 +98,7 @@ def build(cfg: DictConfig) -> Run:
     method = hydra.utils.instantiate(cfg.method, teacher=teacher, student=student)
     if cfg.get("budget_tfe") is not None:
         plan_budget(cfg, method, datamodule)
-    if getattr(method, "trains_on_real_data", False):  # progressive/guided distillation
+    if method.trains_on_real_data:
         datamodule.batch_size = cfg.distill.batch_size
         train_data = datamodule
     else:
@@ -106,7 +106,7 @@ def build(cfg: DictConfig) -> Run:
     metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.eval.n)
     evaluation = PeriodicEvaluation(metrics, datamodule, cfg.eval.every_kimg, cfg.eval.n, cfg.eval.noise_seed,
                                     cfg.eval.batch_size, cfg.eval.grid_size, output_dir(cfg))  # fmt: skip
-    if hasattr(method, "finished_stages"):  # staged methods stop themselves after their last stage
+    if method.staged:  # it stops itself after its last stage
         callbacks = [evaluation, StageEvaluation(evaluation)]
     else:
         callbacks = [evaluation, KimgBudget(cfg.distill.duration_kimg)]
@@ -196,7 +196,7 @@ def train(cfg: DictConfig) -> dict:
     rate = throughput(
         lambda: method.sample(z[:256], None if labels is None else labels[:256]), min(256, len(z))
     )
-    nfe = getattr(method, "steps", 1)
+    nfe = method.nfe
     student = {"nfe": nfe, "samples_per_second": rate, **evaluation.history[-1]}
     np.savez(
         out / "samples.npz", x=student_x.numpy(), **({} if labels is None else {"labels": labels.numpy()})
@@ -205,6 +205,7 @@ def train(cfg: DictConfig) -> dict:
     plot_curves(evaluation.history, out / "curves.png", title=f"{type(method).__name__} on {datamodule.name}")
 
     summary = {"method": type(method).__name__, "data": datamodule.name, "kimg": method.kimg,
+               "evaluated_with": method.evaluated_with,
                "gen_steps": int(method.gen_steps), "tfe": float(method.tfe),
                "train_seconds": float(method.train_seconds), "dropped_samples": int(method.dropped_samples),
                "nonfinite_grads": int(method.nonfinite_grads),

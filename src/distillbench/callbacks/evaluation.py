@@ -14,6 +14,7 @@ import lightning as L
 import pandas as pd
 import torch
 
+from distillbench.methods.base import DistillationMethod
 from distillbench.metrics.suite import PROTOCOL, protocol_text
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
 from distillbench.sweeps import AXES, EVAL_FILE, HIGHER_IS_BETTER, metric_kind
@@ -88,7 +89,7 @@ class PeriodicEvaluation(L.Callback):
 
     def evaluate(self, trainer, pl_module) -> dict:
         figures, x = self.measure(trainer, pl_module)
-        spent = {"tfe": float(pl_module.tfe)} if hasattr(pl_module, "tfe") else {}  # a distillation method's
+        spent = {"tfe": float(pl_module.tfe)} if isinstance(pl_module, DistillationMethod) else {}
         row = {"kimg": pl_module.kimg, "gen_step": int(pl_module.gen_steps), **spent, **figures}
         self.history.append(row)
         if trainer.is_global_zero:

@@ -3,15 +3,17 @@ its generator loss (``sim.py``, ``sid.py``, ``di.py``). Progressive (and guided)
 few-step student on real data (``progressive.py``, ``guided.py``). Direct distillation trains a NAFNet on
 teacher trajectories (``direct.py``)."""
 
-from distillbench.methods.base import ScoreDistillation
+from distillbench.methods.base import DistillationMethod
 from distillbench.methods.di import DiffInstruct
 from distillbench.methods.direct import DirectDistillation
 from distillbench.methods.guided import GuidedDistillation
 from distillbench.methods.progressive import ProgressiveDistillation
+from distillbench.methods.score import ScoreDistillation
 from distillbench.methods.sid import SiD
 from distillbench.methods.sim import SIM
 
 __all__ = [
+    "DistillationMethod",
     "DiffInstruct",
     "DirectDistillation",
     "GuidedDistillation",

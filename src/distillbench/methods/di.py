@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from distillbench.methods.base import ScoreDistillation, per_sample_sum
+from distillbench.methods.score import ScoreDistillation, per_sample_sum
 
 
 class DiffInstruct(ScoreDistillation):

@@ -34,7 +34,9 @@ from torch import nn
 
 from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
-from distillbench.methods.base import StagedDistillation, check_grad_clip, evaluating
+from distillbench.methods.base import evaluating
+from distillbench.methods.checks import check_grad_clip
+from distillbench.methods.staged import StagedDistillation
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import DPMSolverPP2MSampler, SampleResult
 from distillbench.samplers.trajectory import first_steps

@@ -33,13 +33,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from distillbench.errors import ConfigError
-from distillbench.methods.base import (
-    StagedDistillation,
-    check_grad_clip,
-    choice,
-    evaluating,
-    starting_network,
-)
+from distillbench.methods.base import evaluating
+from distillbench.methods.checks import check_grad_clip, choice, starting_network
+from distillbench.methods.staged import StagedDistillation
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
 from distillbench.teachers.denoiser import Denoiser, freeze
@@ -180,6 +176,11 @@ class ProgressiveDistillation(StagedDistillation):
         return self.stage_steps_list[self.current_stage]
 
     @property
+    def nfe(self) -> int:
+        """NFE of :meth:`sample`: the student's step count at the current stage (one evaluation a step)."""
+        return self.steps
+
+    @property
     def total_kimg(self) -> float | None:
         """The whole run's length in kimg (None when the budgets are in steps)."""
         return sum(self.budgets) if self.budget_unit == "kimg" else None
@@ -220,7 +221,7 @@ class ProgressiveDistillation(StagedDistillation):
             return None
         x0 = batch[0]
         labels = batch[1] if self.num_classes and len(batch) > 1 else None
-        loss = self.finite_mean(self.distillation_loss(x0, labels, self.seeded_generator()))
+        loss = self.finite_mean(self.distillation_loss(x0, labels, self.seeded_stream()))
         lr = self.learning_rate()
         self.step_optimizer(self.optimizers(), loss, self.student.parameters(), lr=lr,
                             grad_clip=self.hparams.grad_clip)  # fmt: skip

@@ -12,7 +12,8 @@ parameters and gradients flowing through their input x_t = x_g + σ·n:
 
 from __future__ import annotations
 
-from distillbench.methods.base import ScoreDistillation, check_range, mean_abs, per_sample_sum
+from distillbench.methods.checks import check_range
+from distillbench.methods.score import ScoreDistillation, mean_abs, per_sample_sum
 
 
 def sid_weight(x_g, d_teacher):

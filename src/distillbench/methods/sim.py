@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 
-from distillbench.methods.base import ScoreDistillation, check_range, choice, per_sample_sum
+from distillbench.methods.checks import check_range, choice
+from distillbench.methods.score import ScoreDistillation, per_sample_sum
 from distillbench.methods.sid import sid_weight
 
 DISTANCES = ("pseudo_huber", "l2")

@@ -23,10 +23,17 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESETS.glob("*.yaml"))
 
 
+def load_preset(name: str):
+    """``conf/net/<name>.yaml`` with the presets it extends (its ``defaults``) merged under it."""
+    cfg = OmegaConf.load(PRESETS / f"{name}.yaml")
+    bases = [load_preset(base) for base in cfg.pop("defaults", []) if base != "_self_"]
+    return OmegaConf.merge(*bases, cfg)
+
+
 def parameter_count(preset: str) -> int:
     """Parameters of ``conf/net/<preset>.yaml``, built without allocating its weights."""
     with torch.device("meta"):
-        net = hydra.utils.instantiate(OmegaConf.load(PRESETS / f"{preset}.yaml"))
+        net = hydra.utils.instantiate(load_preset(preset))
     return sum(p.numel() for p in net.parameters())
 
 
@@ -41,7 +48,7 @@ def main(argv: list[str]) -> int:
     for column in ("preset", "network", "parameters"):
         table.add_column(column, justify="right" if column == "parameters" else "left")
     for name in names:
-        target = OmegaConf.load(PRESETS / f"{name}.yaml")._target_.rsplit(".", 1)[-1]
+        target = load_preset(name)._target_.rsplit(".", 1)[-1]
         table.add_row(name, target, f"{parameter_count(name):,}")
     Console(width=100).print(table)
     return 0

@@ -68,14 +68,14 @@ def device_of(denoiser) -> torch.device:
 
 class StudentSampler:
     """A trained method as a sampler for :func:`generate`: its ``sample(z, labels)`` (EMA weights), or the
-    ``sample`` callable given; the NFE is the method's ``steps`` (1 for the one-step students)."""
+    ``sample`` callable given; the NFE is the method's ``nfe``."""
 
     def __init__(self, sample=None):
         self.sample_fn = sample
 
     def sample(self, method, z: torch.Tensor, labels: torch.Tensor | None = None) -> SampleResult:
         x = (self.sample_fn or method.sample)(z, labels).float()
-        return SampleResult(x, nfe=int(getattr(method, "steps", 1)))
+        return SampleResult(x, nfe=int(method.nfe))
 
 
 @torch.no_grad()

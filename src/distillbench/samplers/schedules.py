@@ -90,3 +90,20 @@ def improved(
 
 
 SCHEDULES = {"karras": karras, "log_uniform": log_uniform, "improved": improved}
+
+
+# ---- time laws: how training draws σ -------------------------------------------------------------------
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def sigma_p_sim(u: torch.Tensor, t_max: float = 0.8) -> torch.Tensor:
+    """SiD/SIM generator time law from u ~ U[0, 1): t = u·t_max on the ρ = 7 Karras map, σ ∈ [0.002, 24.4]
+    (docs/algorithms.md §2)."""
+    t = u * t_max
+    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
+    return (a + (1 - t) * (b - a)) ** RHO
+
+
+def sigma_p_edm(normal: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """EDM's log-normal training law from standard normals: ln σ ~ N(P_mean, P_std²)."""
+    return (normal * p_std + p_mean).exp()
