@@ -31,6 +31,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from distillbench import stats
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.metrics.suite import PROTOCOL, MetricSuite, format_count, protocol_text
@@ -357,22 +358,30 @@ def plot_precision_recall(table: pd.DataFrame, path: str | Path) -> Path:
 
 
 REPORT_FILES = ("results.csv", "results.md", "noise_means.md", "fid_vs_nfe.png", "precision_recall.png")
-SPREAD = ("fid", "precision", "recall", "samples_per_second")  # noise_means.md: mean ± std of these
+SPREAD = ("fid", "precision", "recall", "samples_per_second")  # noise_means.md: mean ± interval of these
 
 
 def noise_means(table: pd.DataFrame) -> str:
-    """A markdown table of each model's mean ± std over the sweep's evaluation noise seeds.
+    """A markdown table of each model's mean and 95% interval over the sweep's evaluation noise seeds, and
+    whether its FID is tied with the best model's (:mod:`distillbench.stats`: t interval, ddof = 1, Welch's
+    test at α = 0.05).
 
     FID at a few thousand samples moves with the noise set more than the gaps between close models, so
     comparisons are made on means over several noise seeds (``-m noise_seed=0,2,3``).
     """
     groups = table.groupby(["model", "data", "extractor", "n", "nfe", PROTOCOL], sort=False)
-    lines = ["| model | NFE | noise seeds | " + " | ".join(SPREAD) + " |", "|" + "---|" * (3 + len(SPREAD))]
-    for (model, _, _, _, nfe, _), rows in groups:
+    verdicts = stats.ties_with_best({key: rows["fid"] for key, rows in groups})
+    lines = ["| model | NFE | noise seeds | " + " | ".join(SPREAD) + " | FID against the best |",
+             "|" + "---|" * (4 + len(SPREAD))]  # fmt: skip
+    for key, rows in groups:
+        model, _, _, _, nfe, _ = key
         seeds = ",".join(str(seed) for seed in sorted(rows["noise_seed"]))
-        figures = [f"{rows[c].mean():.4g} ± {rows[c].std(ddof=0):.2g}" for c in SPREAD]
-        lines.append(f"| {model} | {nfe} | {seeds} | " + " | ".join(figures) + " |")
-    return "\n".join(lines) + "\n"
+        figures = [stats.interval(rows[c]).text(4) for c in SPREAD]
+        lines.append(f"| {model} | {nfe} | {seeds} | " + " | ".join(figures) + f" | {verdicts[key]} |")
+    note = ("\nMean ± the half-width of its 95% t interval over the noise seeds (ddof = 1). 'tied': Welch's "
+            "t-test does not separate the model's FID from the best one's at α = 0.05; 'untested': fewer "
+            "than two noise seeds.\n")  # fmt: skip
+    return "\n".join(lines) + "\n" + note
 
 
 def write_sweep_report(sweep_dir: str | Path) -> pd.DataFrame:

@@ -40,6 +40,7 @@ import torch
 from matplotlib import pyplot as plt
 from omegaconf import DictConfig, OmegaConf
 
+from distillbench import stats
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.evaluate import display_path, save_figure
@@ -257,33 +258,44 @@ def collect(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method and NFE: mean and std over seeds of every figure, and the seed count."""
+    """Per method and NFE: the mean and the half-width of its 95% t interval over seeds of every figure
+    (:mod:`distillbench.stats`), the seed count, and the FID verdict against the best row (Welch's test)."""
     grouped = table.groupby(["method", "nfe"], sort=False)
     columns = [*FIGURES, "tfe", "train_seconds", "samples_per_second"]
-    summary = grouped[columns].agg(["mean", "std"])
-    summary.columns = [f"{c}_{s}" for c, s in summary.columns]
-    summary["seeds"] = grouped.size()
-    return summary.reset_index().sort_values(["fid_mean"]).reset_index(drop=True)
+    rows = []
+    for (method, nfe), group in grouped:
+        row = {"method": method, "nfe": nfe, "seeds": len(group)}
+        for column in columns:
+            spread = stats.interval(group[column])
+            row[f"{column}_mean"], row[f"{column}_ci"] = spread.mean, spread.half_width
+        rows.append(row)
+    verdicts = stats.ties_with_best({key: group["fid"] for key, group in grouped})
+    summary = pd.DataFrame(rows)
+    summary["fid_verdict"] = [verdicts[(r.method, r.nfe)] for r in summary.itertuples()]
+    return summary.sort_values(["fid_mean"]).reset_index(drop=True)
 
 
-def plus_minus(mean: float, std: float, digits: int = 3) -> str:
-    """``mean ± std`` (``mean`` alone for one seed, ``—`` for a figure the metric suite lacks)."""
-    if np.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}g}" if np.isnan(std) else f"{mean:.{digits}g} ± {std:.2g}"
+def plus_minus(mean: float, half_width: float, digits: int = 3) -> str:
+    """``mean ± half-width`` (``mean`` alone for one seed, ``—`` for a figure the metric suite lacks)."""
+    return stats.Interval(mean, half_width, 0 if np.isnan(mean) else 2).text(digits)
 
 
 def markdown(summary: pd.DataFrame, suite: DictConfig, header: dict) -> str:
     lines = [f"# Leaderboard: {suite.name}", "",
              *[f"- {key}: {value}" for key, value in header.items()], "",
-             "| method | NFE | FID | IS | precision | recall | training budget used (TFE) "
-             "| training wall time (s) | samples/s | seeds |", "|---" * 10 + "|"]  # fmt: skip
+             "| method | NFE | FID | FID against the best | IS | precision | recall "
+             "| training budget used (TFE) | training wall time (s) | samples/s | seeds |",
+             "|---" * 11 + "|"]  # fmt: skip
     for r in summary.itertuples():
         trained = r.tfe_mean > 0
-        figures = [plus_minus(getattr(r, f"{k}_mean"), getattr(r, f"{k}_std")) for k in FIGURES]
+        figures = [plus_minus(getattr(r, f"{k}_mean"), getattr(r, f"{k}_ci")) for k in FIGURES]
+        figures.insert(1, r.fid_verdict)
         training = [f"{r.tfe_mean:.4g}", f"{r.train_seconds_mean:.3g}", r.seeds] if trained else ["—"] * 3
         cells = [r.method, r.nfe, *figures, *training[:2], f"{r.samples_per_second_mean:.4g}", training[2]]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Each figure is the mean ± the half-width of its 95% t interval over the seeds (ddof = 1; "
+              "the mean alone for one seed). 'tied': Welch's t-test does not separate the row's FID from the "
+              "best row's at α = 0.05; 'untested': fewer than two seeds on either side."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +323,7 @@ def plot(table: pd.DataFrame, per_method: dict[str, list[pd.DataFrame]], path: P
              title="FID against training budget")  # fmt: skip
     trained = table[table["tfe"] > 0]
     for name, rows in trained.groupby("method", sort=False):
-        spread = rows["fid"].std() if len(rows) > 1 else None
+        spread = stats.interval(rows["fid"]).half_width if len(rows) > 1 else None
         right.errorbar(rows["nfe"].mean(), rows["fid"].mean(), yerr=spread, marker="o", capsize=4,
                        linestyle="none", label=name)  # fmt: skip
     for name, rows in table[table["tfe"] == 0].groupby("method", sort=False):

@@ -1,0 +1,93 @@
+"""The statistics of every comparison: one convention for spread, intervals and ties (docs/evaluation.md).
+
+- Spread is the sample standard deviation, ``ddof = 1`` (:data:`DDOF`), everywhere.
+- A mean's 95% interval is Student's t interval over the repeats (training seeds × evaluation-noise sets):
+  mean ± t₀.₉₇₅,ₙ₋₁ · s / √n. One repeat has no interval.
+- Two rows are *tied* when Welch's two-sided t-test (unequal variances) does not reject equal means at
+  α = 0.05; a row with fewer than two repeats cannot be tested and is reported as such, never as a winner.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+DDOF = 1  # sample standard deviation
+CONFIDENCE = 0.95
+ALPHA = 0.05  # Welch's test: p >= ALPHA means tied
+
+
+class Interval(NamedTuple):
+    mean: float
+    half_width: float  # NaN for fewer than two repeats
+    n: int
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+    def text(self, digits: int = 3) -> str:
+        """``mean ± half-width`` (the mean alone for one repeat, ``—`` for none)."""
+        if self.n == 0 or math.isnan(self.mean):
+            return "—"
+        if math.isnan(self.half_width):
+            return f"{self.mean:.{digits}g}"
+        return f"{self.mean:.{digits}g} ± {self.half_width:.2g}"
+
+
+def clean(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return values[~np.isnan(values)]
+
+
+def std(values) -> float:
+    """The sample standard deviation (NaN for fewer than two values)."""
+    values = clean(values)
+    return float(np.std(values, ddof=DDOF)) if len(values) > 1 else math.nan
+
+
+def interval(values, confidence: float = CONFIDENCE) -> Interval:
+    """Student's t interval of the mean of ``values`` (NaNs left out)."""
+    values = clean(values)
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, 0)
+    if n == 1:
+        return Interval(float(values[0]), math.nan, 1)
+    t = scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)
+    return Interval(float(values.mean()), float(t * values.std(ddof=DDOF) / math.sqrt(n)), n)
+
+
+def welch_p(a, b) -> float:
+    """Welch's two-sided p-value for equal means (NaN when either side has fewer than two values)."""
+    a, b = clean(a), clean(b)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if a.mean() == b.mean() else 0.0
+    return float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def ties_with_best(groups: dict[str, object], lower_is_better: bool = True, alpha: float = ALPHA) -> dict:
+    """For each group (name → its repeats): ``"best"``, ``"tied"`` (Welch's test does not separate it from
+    the best at ``alpha``), ``"worse"``, or ``"untested"`` (fewer than two repeats on either side)."""
+    means = {name: interval(values).mean for name, values in groups.items()}
+    ranked = [name for name in means if not math.isnan(means[name])]
+    if not ranked:
+        return dict.fromkeys(groups, "untested")
+    best = (min if lower_is_better else max)(ranked, key=means.get)
+    verdicts = {}
+    for name, values in groups.items():
+        if name == best:
+            verdicts[name] = "best"
+            continue
+        p = welch_p(values, groups[best])
+        verdicts[name] = "untested" if math.isnan(p) else "tied" if p >= alpha else "worse"
+    return verdicts
