@@ -4,7 +4,8 @@
 - A mean's 95% interval is Student's t interval over the repeats (training seeds × evaluation-noise sets):
   mean ± t₀.₉₇₅,ₙ₋₁ · s / √n. One repeat has no interval.
 - Two rows are *tied* when Welch's two-sided t-test (unequal variances) does not reject equal means at
-  α = 0.05; a row with fewer than two repeats cannot be tested and is reported as such, never as a winner.
+  α = 0.05. The best row is the best mean among rows with at least two repeats; a row with fewer cannot be
+  tested and is reported as such, never as a winner.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def welch_p(a, b) -> float:
 
 
 def ties_with_best(groups: dict[str, object], lower_is_better: bool = True, alpha: float = ALPHA) -> dict:
-    """For each group (name → its repeats): ``"best"``, ``"tied"`` (Welch's test does not separate it from
-    the best at ``alpha``), ``"worse"``, or ``"untested"`` (fewer than two repeats on either side)."""
-    means = {name: interval(values).mean for name, values in groups.items()}
-    ranked = [name for name in means if not math.isnan(means[name])]
-    if not ranked:
+    """For each group (name → its repeats): ``"best"`` (the best mean among the groups with at least two
+    repeats), ``"tied"`` (Welch's test does not separate it from the best at ``alpha``), ``"worse"``, or
+    ``"untested"`` (fewer than two repeats: a single measurement has no interval to compare)."""
+    spreads = {name: interval(values) for name, values in groups.items()}
+    testable = [name for name, spread in spreads.items() if spread.n >= 2]
+    if not testable:
         return dict.fromkeys(groups, "untested")
-    best = (min if lower_is_better else max)(ranked, key=means.get)
+    best = (min if lower_is_better else max)(testable, key=lambda name: spreads[name].mean)
     verdicts = {}
     for name, values in groups.items():
         if name == best:
