@@ -4,6 +4,7 @@ teachers, classifiers and mixtures, whose commands run from any folder."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,8 +18,13 @@ from tests.helpers import ROOT
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of the checkout (setuptools writes its build/ beside the sources)."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(out)],
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "outputs", ".cache", "*.egg-info", "__pycache__",
+                                  ".pytest_cache", "wandb", ".whl", "notebooks", "experiments")  # fmt: skip
+    source = out / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=skip)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(out)],
                    check=True, capture_output=True, timeout=600)  # fmt: skip
     return next(out.glob("distillbench-*.whl"))
 

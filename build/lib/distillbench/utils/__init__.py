@@ -1,1 +1,0 @@
-"""Small shared utilities: atomic I/O, run folders, config helpers."""
