@@ -121,9 +121,11 @@ POSITIVE = number(gt=0)
 OPTIONAL_POSITIVE = optional(POSITIVE)
 SCHEDULE = {"schedule.rho": POSITIVE, "schedule.p": POSITIVE}  # a sampler's σ schedule (rho, improved's p)
 
+#: the settings every command has
+COMMON: dict[str, Rule] = {"seed": integer(ge=0, le=2**32 - 1), "threads": optional(integer(ge=1))}
+
 SETTINGS: dict[str, Rule] = {
-    "seed": integer(ge=0, le=2**32 - 1),
-    "threads": optional(integer(ge=1)),
+    **COMMON,
     "max_bad_steps": integer(ge=1),
     "budget_tfe": OPTIONAL_POSITIVE,
     "resume": flag_or_path,
@@ -323,9 +325,11 @@ CROSS_CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
 
 
 #: the settings of ``python -m distillbench.sample``
-SAMPLE_SETTINGS: dict[str, Rule] = {
-    "seed": integer(ge=0, le=2**32 - 1),
-    "threads": optional(integer(ge=1)),
+SAMPLE_#: the settings every command has
+COMMON: dict[str, Rule] = {"seed": integer(ge=0, le=2**32 - 1), "threads": optional(integer(ge=1))}
+
+SETTINGS: dict[str, Rule] = {
+    **COMMON,
     "n": integer(ge=1),
     "batch_size": integer(ge=1),
     "noise_seed": integer(ge=0),
