@@ -325,10 +325,7 @@ CROSS_CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
 
 
 #: the settings of ``python -m distillbench.sample``
-SAMPLE_#: the settings every command has
-COMMON: dict[str, Rule] = {"seed": integer(ge=0, le=2**32 - 1), "threads": optional(integer(ge=1))}
-
-SETTINGS: dict[str, Rule] = {
+SAMPLE_SETTINGS: dict[str, Rule] = {
     **COMMON,
     "n": integer(ge=1),
     "batch_size": integer(ge=1),
