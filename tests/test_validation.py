@@ -10,6 +10,8 @@ import pytest
 from omegaconf import open_dict
 
 from distillbench.errors import ConfigError
+from distillbench.methods import SiD
+from distillbench.rules import number
 from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.utils.runs import check_writable
 from distillbench.validation import validate_train_config
@@ -250,3 +252,24 @@ def test_the_train_command_fails_before_any_work(tmp_path):
     assert "optim.betas=[0.9, 1.0] must be two numbers [beta1, beta2], each in [0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not run.exists()
+
+
+class ToyMethod(SiD):
+    """A method defined outside the package: its keys are checked by its own declaration alone."""
+
+    settings = {"beta": number(gt=0, lt=1)}
+
+
+def test_a_new_method_gets_its_keys_checked_from_its_own_declaration():
+    cfg = compose(
+        "train", ["data=toy2d", "method=sid", f"method._target_={__name__}.ToyMethod", "+method.beta=1.5"]
+    )
+    with pytest.raises(ConfigError, match=r"^method.beta=1.5 must be a number in \(0, 1\)"):
+        validate_train_config(cfg)
+    cfg = compose("train", ["data=toy2d", "method=sid", f"method._target_={__name__}.ToyMethod", "+method.beta=0.5",
+                            "method.alpha=3"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^method.alpha=3 must be a number in \[0, 2\]"):
+        validate_train_config(cfg)  # the inherited key, by SiD's declaration
+    bad_target = compose("train", ["data=toy2d", "method._target_=nowhere.Method"])
+    with pytest.raises(ConfigError, match="method._target_='nowhere.Method' cannot be imported"):
+        validate_train_config(bad_target)

@@ -20,8 +20,10 @@ from typing import ClassVar
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from distillbench.methods.accounting import ComputeAccounting
+from distillbench.rules import Rule, check
 from distillbench.teachers.denoiser import Denoiser, freeze
 
 
@@ -55,6 +57,8 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
     staged: ClassVar[bool] = False
     #: the weights :meth:`sample` uses: ``"ema"`` (an exponential moving average) or ``"online"``
     evaluated_with: ClassVar[str] = "online"
+    #: the rules of the method's own keys (under ``method.``), merged along the class hierarchy
+    settings: ClassVar[dict[str, Rule]] = {}
 
     def __init__(self, teacher: Denoiser, seed: int = 0):
         super().__init__()
@@ -75,6 +79,25 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
         self.finished_stages: list[dict] = []
 
     # ---- the contract --------------------------------------------------------------------------------------
+    @classmethod
+    def method_settings(cls) -> dict[str, Rule]:
+        """The rules of every key the method owns: its own :attr:`settings` over its bases'."""
+        merged: dict[str, Rule] = {}
+        for klass in reversed(cls.__mro__):
+            merged |= klass.__dict__.get("settings", {})
+        return merged
+
+    @classmethod
+    def check_arguments(cls, **values) -> None:
+        """Check constructor arguments by the same rules that the config is checked with before any work."""
+        rules = cls.method_settings()
+        for key, value in values.items():
+            check(f"method.{key}", value, rules[key])
+
+    @classmethod
+    def check_config(cls, method: DictConfig) -> None:
+        """The checks that tie the method's keys together, after each passed its own rule (none here)."""
+
     @abc.abstractmethod
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Samples from noise ``z`` (and labels) with the weights the method is evaluated with."""

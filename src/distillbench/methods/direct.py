@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from distillbench.data.trajectories import read_manifest
@@ -37,6 +38,16 @@ from distillbench.errors import ConfigError
 from distillbench.methods.base import evaluating
 from distillbench.methods.checks import check_grad_clip
 from distillbench.methods.staged import StagedDistillation
+from distillbench.rules import (
+    OPTIONAL_POSITIVE,
+    POSITIVE,
+    SCHEDULE,
+    betas,
+    boolean,
+    check,
+    integer,
+    number,
+)
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import DPMSolverPP2MSampler, SampleResult
 from distillbench.samplers.trajectory import first_steps
@@ -124,6 +135,24 @@ class DirectDistillation(StagedDistillation):
 
     #: it trains on the batches of a trajectory data module, not on ``NoiseDataModule``
     trains_on_real_data = True
+
+    settings = {"steps": integer(ge=2), "k": integer(ge=1), "iterations": integer(ge=1),
+                "refine_iterations": integer(ge=0), "l1_fraction": number(ge=0, le=1), "lr": POSITIVE,
+                "betas": betas, "eps": POSITIVE, "eta_min": number(ge=0), "grad_clip": OPTIONAL_POSITIVE,
+                "preconditioning": boolean, **SCHEDULE}  # fmt: skip
+
+    @classmethod
+    def check_config(cls, method: DictConfig) -> None:
+        """1 <= k <= steps - 1, 0 <= eta_min < lr, and a refiner exactly when stage two has iterations."""
+        check("method.k", method.k, integer(ge=1, le=method.steps - 1), "1 <= k <= method.steps - 1")
+        check("method.eta_min", method.eta_min, number(ge=0, lt=method.lr), "0 <= eta_min < method.lr")
+        if (method.get("refiner") is None) != (method.refine_iterations == 0):
+            refiner = "null" if method.get("refiner") is None else method.refiner.get("_target_", "<a net>")
+            raise ConfigError(
+                f"method.refine_iterations={method.refine_iterations} with method.refiner="
+                f"{refiner.rsplit('.', 1)[-1]}: stage two needs both a refiner net and its iterations; set "
+                "both, or method.refiner=null and method.refine_iterations=0"
+            )
 
     def __init__(
         self,

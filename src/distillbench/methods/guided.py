@@ -19,11 +19,21 @@ from __future__ import annotations
 import copy
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from distillbench.errors import ConfigError
 from distillbench.methods.progressive import ProgressiveDistillation, loss_weight, stage_budgets
 from distillbench.nets.mlp import FourierEmbedding, MLPBackbone
+from distillbench.rules import (
+    OPTIONAL_POSITIVE,
+    check,
+    check_one_budget,
+    lookup,
+    number,
+    optional,
+    positive_per_stage,
+)
 from distillbench.teachers.denoiser import Denoiser, EDMDenoiser, as_sigma_batch
 
 
@@ -95,6 +105,25 @@ class GuidedDistillation(ProgressiveDistillation):
     ``guidance_kimg``/``guidance_steps`` is stage 0's budget (same unit as the halving stages'),
     ``guidance_lr`` its learning rate (default: the first halving stage's).
     """
+
+    settings = {"w": number(ge=0), "w_min": number(ge=0), "w_max": number(ge=0),
+                "guidance_kimg": optional(positive_per_stage), "guidance_steps": optional(positive_per_stage),
+                "guidance_lr": OPTIONAL_POSITIVE}  # fmt: skip
+
+    @classmethod
+    def check_config(cls, method: DictConfig) -> None:
+        """The halving stages' checks, 0 <= w_min <= w <= w_max, and stage 0's budget in the same unit."""
+        unit = super().check_config(method)
+        check("method.w_min", method.w_min, number(ge=0, le=method.w_max), "0 <= w_min <= w_max")
+        within = number(ge=method.w_min, le=method.w_max)
+        check("method.w", method.w, within, "method.w_min <= w <= method.w_max")
+        guidance_unit = check_one_budget(method, "guidance", 1)
+        if guidance_unit != unit:
+            key = f"method.guidance_{guidance_unit}"
+            raise ConfigError(
+                f"{key}={lookup(method, f'guidance_{guidance_unit}')!r} is in {guidance_unit} but the stage "
+                f"budgets in {unit}; give method.guidance_{unit} instead (and {key}=null)"
+            )
 
     def __init__(
         self,

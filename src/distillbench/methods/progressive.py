@@ -31,11 +31,25 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from omegaconf import DictConfig
 
 from distillbench.errors import ConfigError
 from distillbench.methods.base import evaluating
 from distillbench.methods.checks import check_grad_clip, choice, starting_network
 from distillbench.methods.staged import StagedDistillation
+from distillbench.rules import (
+    OPTIONAL_POSITIVE,
+    POSITIVE,
+    SCHEDULE,
+    betas,
+    check_one_budget,
+    check_stage_count,
+    lookup,
+    one_of,
+    optional,
+    positive_per_stage,
+    power_of_two,
+)
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import EulerSampler
 from distillbench.teachers.denoiser import Denoiser, freeze
@@ -129,6 +143,19 @@ class ProgressiveDistillation(StagedDistillation):
     trains_on_real_data = True
 
     ddp_networks = ("student",)  # the frozen previous student needs no DDP
+
+    settings = {"n_start": power_of_two, "stage_kimg": optional(positive_per_stage),
+                "stage_steps": optional(positive_per_stage), "lr": positive_per_stage,
+                "lr_schedule": one_of(*LR_SCHEDULES), "betas": betas, "eps": POSITIVE,
+                "grad_clip": OPTIONAL_POSITIVE, "weighting": one_of(*WEIGHTINGS), **SCHEDULE}  # fmt: skip
+
+    @classmethod
+    def check_config(cls, method: DictConfig) -> str:
+        """The stage budgets and learning rates, one per stage; returns the budgets' unit."""
+        stages = method.n_start.bit_length()  # n_start, n_start/2, …, 1 student steps
+        unit = check_one_budget(method, "stage", stages)
+        check_stage_count("method.lr", lookup(method, "lr"), stages)
+        return unit
 
     def __init__(
         self,

@@ -12,8 +12,8 @@ parameters and gradients flowing through their input x_t = x_g + σ·n:
 
 from __future__ import annotations
 
-from distillbench.methods.checks import check_range
 from distillbench.methods.score import ScoreDistillation, mean_abs, per_sample_sum
+from distillbench.rules import number
 
 
 def sid_weight(x_g, d_teacher):
@@ -23,9 +23,10 @@ def sid_weight(x_g, d_teacher):
 
 class SiD(ScoreDistillation):
     time_law = "p_sim"
+    settings = {"alpha": number(ge=0, le=2)}
 
     def __init__(self, *args, alpha: float = 1.2, **kwargs):
-        check_range("method.alpha", alpha, 0.0, 2.0)
+        self.check_arguments(alpha=alpha)
         super().__init__(*args, **kwargs)
         self.alpha = float(alpha)
 

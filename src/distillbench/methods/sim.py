@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 
-from distillbench.methods.checks import check_range, choice
 from distillbench.methods.score import ScoreDistillation, per_sample_sum
 from distillbench.methods.sid import sid_weight
+from distillbench.rules import boolean, number, one_of, optional
 
 DISTANCES = ("pseudo_huber", "l2")
 WEIGHTINGS = ("sid", "unit")
@@ -28,6 +28,9 @@ TIME_LAWS = ("p_sim", "p_edm")
 
 
 class SIM(ScoreDistillation):
+    settings = {"distance": one_of(*DISTANCES), "c": optional(number(gt=0)), "weighting": one_of(*WEIGHTINGS),
+                "time_law": one_of(*TIME_LAWS), "detach_normaliser": boolean}  # fmt: skip
+
     def __init__(
         self,
         *args,
@@ -38,11 +41,9 @@ class SIM(ScoreDistillation):
         detach_normaliser: bool = False,
         **kwargs,
     ):
-        self.distance = choice("method.distance", distance, DISTANCES)
-        self.weighting = choice("method.weighting", weighting, WEIGHTINGS)
-        self.time_law = choice("method.time_law", time_law, TIME_LAWS)
-        if c is not None:
-            check_range("method.c", c, 1e-12)
+        self.check_arguments(distance=distance, c=c, weighting=weighting, time_law=time_law,
+                             detach_normaliser=detach_normaliser)  # fmt: skip
+        self.distance, self.weighting, self.time_law = distance, weighting, time_law
         super().__init__(*args, **kwargs)
         self.c = c if c is not None else 0.00054 * math.sqrt(math.prod(self.sample_shape))
         self.detach_normaliser = bool(detach_normaliser)
