@@ -266,8 +266,8 @@ def test_a_new_method_gets_its_keys_checked_from_its_own_declaration():
     )
     with pytest.raises(ConfigError, match=r"^method.beta=1.5 must be a number in \(0, 1\)"):
         validate_train_config(cfg)
-    cfg = compose("train", ["data=toy2d", "method=sid", f"method._target_={__name__}.ToyMethod", "+method.beta=0.5",
-                            "method.alpha=3"])  # fmt: skip
+    toy = ["data=toy2d", "method=sid", f"method._target_={__name__}.ToyMethod"]
+    cfg = compose("train", [*toy, "+method.beta=0.5", "method.alpha=3"])
     with pytest.raises(ConfigError, match=r"^method.alpha=3 must be a number in \[0, 2\]"):
         validate_train_config(cfg)  # the inherited key, by SiD's declaration
     bad_target = compose("train", ["data=toy2d", "method._target_=nowhere.Method"])
