@@ -140,3 +140,11 @@ def test_bf16_mixed_precision_trains_fp32_weights_through_bf16_networks(tmp_path
     assert moved, "the bf16 networks took other steps than the fp32 ones"
     losses = pd.read_csv(tmp_path / "bf16-mixed" / "metrics.csv")["train/loss_gen"].dropna()
     assert len(losses) and np.isfinite(losses).all()
+
+
+def test_debug_fast_shortens_train_and_teacher():
+    train = compose("train", ["debug=fast"])
+    assert train.distill.duration_kimg == 0.128 and train.eval.n == 64 and not train.eval.teacher
+    assert train.checkpoint.every_kimg == 0.064, "a checkpoint is written within the short run"
+    teacher = compose("teacher", ["debug=fast"])
+    assert teacher.trainer.max_steps == 5
