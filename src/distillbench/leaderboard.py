@@ -40,7 +40,7 @@ import torch
 from matplotlib import pyplot as plt
 from omegaconf import DictConfig, OmegaConf
 
-from distillbench import stats
+from distillbench import run_folder, stats
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.evaluate import display_path, save_figure
@@ -128,9 +128,9 @@ def settle_cell(folder: Path, overrides: list[str]) -> str:
                 f"{folder} was run with other settings ({', '.join(changed)}); the suite changed since: "
                 "choose another out_dir, or delete that cell to run it again"
             )
-    if (folder / "summary.json").is_file():
+    if (folder / run_folder.SUMMARY).is_file():
         return "done"
-    if record.is_file() and (folder / "checkpoints" / "last.ckpt").is_file():
+    if record.is_file() and (folder / run_folder.CHECKPOINTS / run_folder.LAST_CHECKPOINT).is_file():
         return "resume"
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished cell with nothing to resume from
     folder.mkdir(parents=True)
@@ -188,12 +188,12 @@ def make_trajectories(suite: DictConfig, out_dir: Path, threads) -> None:
 
 # ---- the table ---------------------------------------------------------------------------------------------
 def cell_config(folder: Path) -> DictConfig:
-    return OmegaConf.load(folder / "config.yaml")
+    return OmegaConf.load(folder / run_folder.CONFIG)
 
 
 def cell_summary(folder: Path) -> dict:
     """A finished cell's ``summary.json``, which must hold the protocol record of its figures."""
-    path = folder / "summary.json"
+    path = folder / run_folder.SUMMARY
     summary = json.loads(path.read_text())
     if not summary.get(PROTOCOL):
         raise ConfigError(
@@ -345,7 +345,7 @@ def teacher_name(teacher: DictConfig) -> str:
 
 def measured_when(suite: DictConfig, out_dir: Path) -> str:
     """When the cells finished: the first and last ``summary.json`` (a resumed suite spans several runs)."""
-    files = [folder / "summary.json" for _, _, folder, _ in cells(suite, out_dir)]
+    files = [folder / run_folder.SUMMARY for _, _, folder, _ in cells(suite, out_dir)]
     times = sorted(datetime.fromtimestamp(p.stat().st_mtime) for p in files)
     first, last = (t.isoformat(sep=" ", timespec="minutes") for t in (times[0], times[-1]))
     return first if first == last else f"{first} to {last}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from distillbench import run_folder
 from distillbench.callbacks.checkpoints import KEY
 from distillbench.errors import ConfigError
 from distillbench.sweeps import EVAL_FILE
@@ -34,7 +35,7 @@ CHANGEABLE_ON_RESUME = ("resume", "threads", "distill.duration_kimg", "max_bad_s
 def run_folder_to_resume(cfg: DictConfig) -> Path:
     """The folder named by ``resume`` (a path), or this job's folder (``resume=true``)."""
     folder = Path(cfg.paths.output_dir)
-    if not (folder / "config.yaml").is_file():
+    if not (folder / run_folder.CONFIG).is_file():
         raise ConfigError(
             f"resume={cfg.resume}: {folder} is not a run folder (no config.yaml); pass resume=<run folder>, "
             "e.g. resume=outputs/train/runs/<date_time>"
@@ -54,7 +55,7 @@ def plain(cfg: DictConfig, key: str):
 
 def saved_config(folder: Path) -> DictConfig:
     """The run's resolved ``config.yaml``, its paths moved to ``folder`` (a run folder may be moved)."""
-    text = (folder / "config.yaml").read_text()
+    text = (folder / run_folder.CONFIG).read_text()
     old = OmegaConf.create(text).paths.output_dir
     return OmegaConf.create(text.replace(str(old), str(folder)))
 
@@ -101,7 +102,8 @@ def derived_keys(folder: Path, key: str) -> list[str]:
 
 def checkpoint_to_resume(cfg: DictConfig) -> tuple[Path, dict]:
     """The newest good checkpoint of the run and its contents."""
-    return newest_good_checkpoint(Path(cfg.paths.output_dir) / "checkpoints", bool(cfg.checkpoint.fallback))
+    folder = Path(cfg.paths.output_dir) / run_folder.CHECKPOINTS
+    return newest_good_checkpoint(folder, bool(cfg.checkpoint.fallback))
 
 
 def check_same_run(checkpoint: dict, run: dict) -> None:
@@ -122,11 +124,11 @@ def restore_run_files(folder: Path, checkpoint: dict) -> None:
     checkpoint the run starts again: its tables and its W&B run id (W&B refuses steps that go back) go."""
     saved = checkpoint.get(KEY, {})
     if not checkpoint:
-        for name in ("metrics.csv", EVAL_FILE, WANDB_ID_FILE):
+        for name in (run_folder.METRICS, EVAL_FILE, WANDB_ID_FILE):
             (folder / name).unlink(missing_ok=True)
         return
     if saved.get("csv_rows") is not None:
-        truncate_rows(folder / "metrics.csv", int(saved["csv_rows"]))
+        truncate_rows(folder / run_folder.METRICS, int(saved["csv_rows"]))
     wandb_id = folder / WANDB_ID_FILE
     if saved.get("wandb_id") and not wandb_id.is_file():
         atomic_write_text(wandb_id, saved["wandb_id"] + "\n")

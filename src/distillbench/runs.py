@@ -15,10 +15,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distillbench import run_folder
 from distillbench.errors import ConfigError
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT = Path("checkpoints") / "last.ckpt"
+CONFIG_FILE = run_folder.CONFIG
+CHECKPOINT = Path(run_folder.CHECKPOINTS) / run_folder.LAST_CHECKPOINT
 
 
 def locate_run(path: str | Path) -> tuple[Path, Path]:

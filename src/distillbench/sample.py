@@ -14,6 +14,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from distillbench import run_folder
 from distillbench.config import CONFIG_DIR
 from distillbench.metrics.suite import PROTOCOL
 from distillbench.samplers.generate import generate
@@ -51,7 +52,7 @@ def sample(cfg: DictConfig) -> dict:
     seconds = time.time() - start
     out = output_dir(cfg)
     arrays = {"x": x.numpy()} | ({"labels": labels.numpy()} if labels is not None else {})
-    np.savez(out / "samples.npz", **arrays)
+    np.savez(out / run_folder.SAMPLES, **arrays)
     save_samples_figure(x[: cfg.grid_size], out / "samples.png", title=f"{type(sampler).__name__}, {nfe} NFE")
     summary = {"nfe": nfe, "n": cfg.n, "samples_per_second": cfg.n / seconds}
     if metrics is not None:

@@ -17,9 +17,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from matplotlib import pyplot as plt
 
+from distillbench import run_folder
 from distillbench.metrics.suite import PROTOCOL
 
-EVAL_FILE = "eval.csv"
+EVAL_FILE = run_folder.EVALUATIONS
 AXES = ("kimg", "gen_step", "tfe")  # an evaluation row's x-axes: generator kimg and steps, compute spent
 SEED_KEYS = ("seed",)
 HIGHER_IS_BETTER = {"is", "precision", "recall"}

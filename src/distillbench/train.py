@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from distillbench import run_folder
 from distillbench.callbacks import (
     KimgBudget,
     NonFiniteGuard,
@@ -111,8 +112,8 @@ def build(cfg: DictConfig) -> Run:
     else:
         callbacks = [evaluation, KimgBudget(cfg.distill.duration_kimg)]
     ckpt_path = resume_point(cfg, teacher)  # before the loggers: it may restore the W&B run id
-    guard = NonFiniteGuard(cfg.max_bad_steps, output_dir(cfg) / "checkpoints")
-    checkpoints = RunCheckpoints(output_dir(cfg) / "checkpoints", cfg.checkpoint.every_kimg,
+    guard = NonFiniteGuard(cfg.max_bad_steps, output_dir(cfg) / run_folder.CHECKPOINTS)
+    checkpoints = RunCheckpoints(output_dir(cfg) / run_folder.CHECKPOINTS, cfg.checkpoint.every_kimg,
                                  cfg.checkpoint.keep, run_facts(cfg, teacher), guard)  # fmt: skip
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[*callbacks, guard, checkpoints],
@@ -131,9 +132,9 @@ def resume_point(cfg: DictConfig, teacher) -> str | None:
         return None
     folder = output_dir(cfg)
     if is_rank_zero():
-        remove_orphans(folder / "checkpoints")
+        remove_orphans(folder / run_folder.CHECKPOINTS)
         remove_orphans(folder)
-    if not checkpoint_files(folder / "checkpoints"):
+    if not checkpoint_files(folder / run_folder.CHECKPOINTS):
         if is_rank_zero():
             restore_run_files(folder, {})
         print(f"resuming {folder}: it has no checkpoint yet, so it starts again from the beginning")
@@ -198,9 +199,8 @@ def train(cfg: DictConfig) -> dict:
     )
     nfe = method.nfe
     student = {"nfe": nfe, "samples_per_second": rate, **evaluation.history[-1]}
-    np.savez(
-        out / "samples.npz", x=student_x.numpy(), **({} if labels is None else {"labels": labels.numpy()})
-    )
+    arrays = {"x": student_x.numpy()} | ({} if labels is None else {"labels": labels.numpy()})
+    np.savez(out / run_folder.SAMPLES, **arrays)
     save_samples_figure(student_x[: cfg.eval.grid_size], out / "student.png", title=f"{nfe}-step student")
     plot_curves(evaluation.history, out / "curves.png", title=f"{type(method).__name__} on {datamodule.name}")
 

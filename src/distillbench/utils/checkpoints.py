@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from distillbench import run_folder
 from distillbench.errors import ConfigError
 from distillbench.utils.io import atomic_write_text, atomic_writer, file_digest, fsync_folder
 
 STEP_FILE = re.compile(r"step_(\d+)\.ckpt$")
-LAST = "last.ckpt"
+LAST = run_folder.LAST_CHECKPOINT
 
 
 class CorruptCheckpointError(ConfigError):

@@ -16,11 +16,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
+from distillbench import run_folder
 from distillbench.distributed import is_rank_zero
 from distillbench.errors import MissingPackageError
 from distillbench.utils.io import atomic_write_text, atomic_writer
 
-WANDB_ID_FILE = "checkpoints/wandb_id.txt"
+WANDB_ID_FILE = run_folder.WANDB_ID
 
 
 class _AppendingWriter(ExperimentWriter):

@@ -23,16 +23,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distillbench import run_folder
 from distillbench.config import resumed
 from distillbench.distributed import distributed_state_reset
 from distillbench.errors import ConfigError, TrainingStopped
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 
-#: the file that marks a folder as a run's: created exclusively before anything else is written there
-RUN_MARKER = ".run.json"
-#: files that only a run writes into its folder; any of them means the folder holds a run
-RUN_FILES = (RUN_MARKER, "config.yaml", "metrics.csv", "eval.csv", "summary.json", "samples.npz",
-             "checkpoints")  # fmt: skip
+RUN_MARKER, RUN_FILES = run_folder.MARKER, run_folder.RUN_FILES
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -41,17 +38,17 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def write_config(cfg: DictConfig) -> None:
     """Save the resolved config as ``config.yaml`` in the run folder."""
-    atomic_write_text(output_dir(cfg) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(output_dir(cfg) / run_folder.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def write_summary(cfg: DictConfig, summary: dict) -> None:
     """``summary.json``: the run's final figures; written last, so it marks a finished run."""
-    atomic_write_json(output_dir(cfg) / "summary.json", summary)
+    atomic_write_json(output_dir(cfg) / run_folder.SUMMARY, summary)
 
 
 def _remove_unfinished(folder: Path) -> None:
     """Delete a run folder that holds nothing but Hydra's own bookkeeping."""
-    own = {".hydra", "config.yaml", RUN_MARKER} | {p.name for p in folder.glob("*.log")}
+    own = {".hydra", run_folder.CONFIG, RUN_MARKER} | {p.name for p in folder.glob("*.log")}
     if folder.is_dir() and all(p.name in own for p in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -113,7 +110,7 @@ def out_of_space_message(err: OSError, folder: Path) -> str:
         free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    sizes = [p.stat().st_size for p in (folder / "checkpoints").glob("step_*.ckpt")]
+    sizes = [p.stat().st_size for p in (folder / run_folder.CHECKPOINTS).glob("step_*.ckpt")]
     need = f"about {max(sizes) / 2**20:.1f} MiB for the next checkpoint" if sizes else "room for a checkpoint"
     return (
         f"the disk holding {where} is full ({free}; {err.strerror or err}). The run stopped; its files up to "
