@@ -148,3 +148,13 @@ def test_debug_fast_shortens_train_and_teacher():
     assert train.checkpoint.every_kimg == 0.064, "a checkpoint is written within the short run"
     teacher = compose("teacher", ["debug=fast"])
     assert teacher.trainer.max_steps == 5
+
+
+def test_the_training_bar_counts_kimg_of_the_total_with_an_eta(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_in_process("distillbench.train", "debug=fast", "data=toy2d", "threads=1",
+                                    f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert code == 0, err[-2000:]
+    bars = [line for line in (out + err).replace("\r", "\n").splitlines() if line.startswith("train")]
+    assert bars and "0.13/0.13 kimg [" in bars[-1] and "<" in bars[-1], bars[-1:]
+    assert "loss_gen=" in bars[-1] and "Epoch" not in out + err

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from distillbench import run_folder
 from distillbench.callbacks import (
     KimgBudget,
+    KimgProgressBar,
     NonFiniteGuard,
     PeriodicEvaluation,
     RunCheckpoints,
@@ -115,6 +116,8 @@ def build(cfg: DictConfig) -> Run:
     guard = NonFiniteGuard(cfg.max_bad_steps, output_dir(cfg) / run_folder.CHECKPOINTS)
     checkpoints = RunCheckpoints(output_dir(cfg) / run_folder.CHECKPOINTS, cfg.checkpoint.every_kimg,
                                  cfg.checkpoint.keep, run_facts(cfg, teacher), guard)  # fmt: skip
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(KimgProgressBar(method.planned_kimg(cfg.distill.duration_kimg)))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[*callbacks, guard, checkpoints],
         logger=instantiate_loggers(cfg.get("logger"), output_dir(cfg)), max_steps=-1, max_epochs=-1,

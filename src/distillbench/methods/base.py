@@ -102,6 +102,10 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Samples from noise ``z`` (and labels) with the weights the method is evaluated with."""
 
+    def planned_kimg(self, duration_kimg: float) -> float | None:
+        """The generator kimg the run will train for (None when its stages are budgeted in steps)."""
+        return duration_kimg
+
     @property
     @abc.abstractmethod
     def nfe(self) -> int:

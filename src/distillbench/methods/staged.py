@@ -31,6 +31,9 @@ class StagedDistillation(DistillationMethod):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self.register_buffer("stage_nimg", torch.zeros((), dtype=torch.float64))
 
+    def planned_kimg(self, duration_kimg: float) -> float | None:
+        return sum(self.budgets) if self.budget_unit == "kimg" else None
+
     @property
     def done(self) -> bool:
         return self.count("stage") >= len(self.budgets)

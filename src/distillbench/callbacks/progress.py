@@ -1,0 +1,48 @@
+"""The training bar in the unit a distillation run is planned in: generator kimg done of the total, an ETA,
+and the step's metrics on the same line (Lightning's own bar counts batches of an endless epoch)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class KimgProgressBar(TQDMProgressBar):
+    """``train  42%|████      | 5.12/12.00 kimg [01:10<01:35] loss_fake=… loss_gen=…``.
+
+    ``total_kimg`` is the run's planned duration (None: unknown, e.g. stages budgeted in optimiser steps;
+    the bar then counts kimg without a total or an ETA)."""
+
+    TRAIN_FORMAT = "{desc} {percentage:3.0f}%|{bar:20}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}] "\
+                 "{postfix}"
+    OPEN_FORMAT = "{desc} {n:.2f} kimg [{elapsed}] {postfix}"
+
+    def __init__(self, total_kimg: float | None, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.total_kimg = None if total_kimg is None else float(total_kimg)
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.total = self.total_kimg  # before the format that prints it
+        bar.bar_format = self.TRAIN_FORMAT if self.total_kimg else self.OPEN_FORMAT
+        return bar
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("train", refresh=False)
+        bar.reset(total=self.total_kimg)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(batch_idx + 1, None):
+            bar.n = min(pl_module.kimg, self.total_kimg) if self.total_kimg else pl_module.kimg
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """The step's logged scalars by their short names, without those the bar shows already (kimg) and
+        Lightning's version number (the run folder's name says which run)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        shown = {"v_num", "train/kimg"}
+        return {name.removeprefix("train/"): value for name, value in metrics.items() if name not in shown}
