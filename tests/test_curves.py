@@ -170,7 +170,7 @@ def test_the_wandb_run_id_is_kept_beside_the_checkpoints(tmp_path, monkeypatch):
 class _Generator(__import__("lightning").LightningModule):
     """A linear one-step 'generator' with the attributes the evaluation callback reads."""
 
-    sample_shape, num_classes = (2,), 0
+    sample_shape, num_classes, nfe = (2,), 0, 1
 
     def __init__(self):
         super().__init__()
