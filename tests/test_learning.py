@@ -110,7 +110,7 @@ def one_step_figures(run) -> dict[str, float]:
 
 def before_and_after(run) -> tuple[dict, dict]:
     """The one-step student's metrics before and after its training budget."""
-    staged = hasattr(run.method, "finished_stages")
+    staged = run.method.staged
     start = one_step_figures(run) if staged else None
     run.trainer.fit(run.method, datamodule=run.train_data)
     if staged:
