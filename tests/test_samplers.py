@@ -284,7 +284,7 @@ def test_generate_from_an_offset_draws_the_noise_and_labels_of_those_global_indi
     from distillbench.samplers.generate import StudentSampler, generate
 
     class Echo(torch.nn.Module):
-        sample_shape = (2,)
+        sample_shape, nfe = (2,), 1
 
         def sample(self, z, labels=None):
             return z + labels[:, None]
