@@ -282,3 +282,11 @@ def test_a_composition_error_exits_2_from_the_command_line(tmp_path):
     proc = run_cli("distillbench.train", "data=cifar10", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "experiment=paper/cifar10_sid" in proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_resume_record_keeps_one_name_however_often_hydra_resolves_it():
+    from distillbench.config import hydra_subdir
+
+    first = hydra_subdir("true")
+    time.sleep(1.1)  # Hydra names the folder, then the task reads the name again, seconds apart
+    assert hydra_subdir("true") == first and first.startswith(".hydra/resume-")

@@ -47,11 +47,17 @@ def run_name() -> str | None:
 
 
 @cache
+def started() -> str:
+    """When this process first asked: Hydra resolves the names built from it more than once (when it makes a
+    folder, and again when a task reads its config), and every resolution must give the same name."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+@cache
 def run_id() -> str:
     """This process's run-folder name: its start time to the second and six random hex digits, so that two
-    runs started in the same second never share a folder. Computed once: Hydra resolves the folder more
-    than once, and every resolution must name the same one."""
-    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+    runs started in the same second never share a folder."""
+    return f"{started()}_{secrets.token_hex(3)}"
 
 
 def launch_id(default: str) -> str:
@@ -82,7 +88,7 @@ def resume_dir(resume, default: str) -> str:
 def hydra_subdir(resume) -> str:
     """Where Hydra keeps a job's composed config: ``.hydra``, or a new ``.hydra/resume-<time>`` on resume (the
     run's original record stays)."""
-    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}" if resumed(resume) else ".hydra"
+    return f".hydra/resume-{started()}" if resumed(resume) else ".hydra"
 
 
 def register_resolvers() -> None:
