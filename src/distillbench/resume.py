@@ -73,30 +73,30 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
             "change on resume (give them their saved values or leave them out; these can: "
             f"{', '.join(CHANGEABLE_ON_RESUME)}). Start a new run instead"
         )
+    references = interpolations(folder)
     for key in given:
         value = OmegaConf.select(cfg, key)
         OmegaConf.update(saved, key, value, merge=False)
-        for derived in derived_keys(folder, key):  # config.yaml is resolved: ``${optim.lr}`` reads as a value
+        for derived in references.get(key, []):  # config.yaml is resolved: ``${optim.lr}`` reads as a value
             OmegaConf.update(saved, derived, value, merge=False)
     return saved
 
 
-def derived_keys(folder: Path, key: str) -> list[str]:
-    """The keys that the run's composed config (Hydra's unresolved record) sets to exactly ``${key}``, such as
-    ``method.lr: ${optim.lr}``."""
+def interpolations(folder: Path) -> dict[str, list[str]]:
+    """Key → the keys that the run's composed config (Hydra's unresolved record) sets to exactly ``${key}``,
+    such as ``optim.lr`` → ``[method.lr]``."""
     record = folder / ".hydra" / "config.yaml"
-    if not record.is_file():
-        return []
-    found = []
+    found: dict[str, list[str]] = {}
 
     def walk(node, path: str) -> None:
         if isinstance(node, dict):
             for name, child in node.items():
                 walk(child, f"{path}.{name}" if path else str(name))
-        elif node == f"${{{key}}}":
-            found.append(path)
+        elif isinstance(node, str) and node.startswith("${") and node.endswith("}") and node.count("$") == 1:
+            found.setdefault(node[2:-1], []).append(path)
 
-    walk(OmegaConf.to_container(OmegaConf.load(record), resolve=False), "")
+    if record.is_file():
+        walk(OmegaConf.to_container(OmegaConf.load(record), resolve=False), "")
     return found
 
 

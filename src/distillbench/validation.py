@@ -11,7 +11,6 @@ config (keys that the config lacks are skipped), then the method's checks that t
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 
 import hydra
@@ -36,6 +35,7 @@ from distillbench.rules import (
     one_of,
     optional,
 )
+from distillbench.utils.runs import exit_on_config_error
 
 # ---- the table ---------------------------------------------------------------------------------------------
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
@@ -174,9 +174,6 @@ class ValidateOnStart(Callback):
     def __init__(self, command: str = "train"):
         self.validate = VALIDATORS[command]
 
+    @exit_on_config_error
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        try:
-            self.validate(config)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        self.validate(config)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 from distillbench.errors import ConfigError
 from distillbench.teachers.denoiser import Denoiser
 
@@ -43,8 +41,3 @@ def starting_network(teacher: Denoiser, student: Denoiser | None) -> Denoiser:
             "trained networks from; give a student config (e.g. student=gmm_digits, student=toy2d)"
         )
     return init
-
-
-def check_range(name: str, value: float, low: float, high: float = math.inf) -> None:
-    if not (low <= value <= high):
-        raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")

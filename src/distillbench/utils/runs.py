@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distillbench import run_folder
 from distillbench.config import resumed
-from distillbench.distributed import distributed_state_reset
+from distillbench.distributed import distributed_state_reset, is_rank_zero
 from distillbench.errors import ConfigError, TrainingStopped
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 
@@ -171,15 +171,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ---- run folders -------------------------------------------------------------------------------------------
-def launched_rank() -> int:
-    """This process's rank as its launcher set it (torchrun, SLURM tasks, Lightning's children); 0 alone."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def run_files_in(folder: Path) -> list[str]:
     """The names of :data:`RUN_FILES` present in ``folder``."""
     return [name for name in RUN_FILES if (folder / name).exists()]
@@ -254,7 +245,7 @@ class ClaimRunFolder(Callback):
     @exit_on_config_error
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         folder = Path(config.hydra.run.dir)
-        if resumed(config.get("resume")) or launched_rank() != 0 or requeued(folder):
+        if resumed(config.get("resume")) or not is_rank_zero() or requeued(folder):
             return
         claim_run_folder(folder)
 
