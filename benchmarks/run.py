@@ -47,8 +47,8 @@ from distillbench.teachers.training import edm_loss
 from distillbench.utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["distill.batch_size=64", "eval.n=64", "eval.every_kimg=1e9", "eval.teacher=false", "logger=csv",
-          "checkpoint.every_kimg=1e9", "distill.duration_kimg=1e9",
+COMMON = ["method.batch_size=64", "eval.n=64", "eval.every_kimg=1e9", "eval.teacher=false", "logger=csv",
+          "checkpoint.every_kimg=1e9", "method.duration_kimg=1e9",
           "+trainer.enable_progress_bar=false"]  # fmt: skip
 METHODS = {
     "sim": ["method=sim"],

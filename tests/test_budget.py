@@ -11,6 +11,7 @@ from distillbench.callbacks import KimgBudget
 from distillbench.methods.accounting import forward_equivalents
 from distillbench.methods.progressive import ProgressiveDistillation
 from distillbench.teachers.denoiser import freeze
+from tests.helpers import compose
 from tests.test_methods import METHODS, fit_one_step, tiny_teacher
 from tests.test_progressive import fit, mlp_denoiser
 
@@ -69,7 +70,7 @@ def test_progressive_counts_two_teacher_forwards_and_a_student_step_per_sample()
 def test_a_budget_sets_the_whole_steps_that_spend_it(name, per_image):
     method = METHODS[name](tiny_teacher(), batch_size=4)
     budget = 4 * 13 * 3 + 20  # three SIM steps' worth and a bit
-    kimg = method.fit_budget(tfe=budget, batch_size=4)
+    kimg = method.fit_budget(tfe=budget)
     steps = budget // (4 * per_image)  # SIM 3, DI 4
     assert kimg == pytest.approx(steps * 4 / 1000)
     fit_one_step(method, KimgBudget(kimg))
@@ -77,10 +78,25 @@ def test_a_budget_sets_the_whole_steps_that_spend_it(name, per_image):
 
 
 def test_staged_budgets_scale_together_to_whole_steps_within_the_budget():
-    method = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=4, stage_kimg=[1, 2, 1], lr=1e-3)
-    kimg = method.fit_budget(tfe=40_000, batch_size=32)  # 5 per sample: 8 kimg in all, split 1 : 2 : 1
+    method = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=4, stage_kimg=[1, 2, 1], lr=1e-3,
+                                     batch_size=32)  # fmt: skip
+    kimg = method.fit_budget(tfe=40_000)  # 5 per sample: 8 kimg in all, split 1 : 2 : 1
     assert method.budgets == pytest.approx([62 * 0.032, 125 * 0.032, 62 * 0.032])  # whole batches of 32
     assert kimg == pytest.approx(249 * 0.032) and kimg * 1000 * 5 <= 40_000
-    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_steps=[3, 1], lr=1e-3)
-    steps.fit_budget(tfe=32 * 5 * 8, batch_size=32)
+    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_steps=[3, 1], lr=1e-3,
+                                    batch_size=32)  # fmt: skip
+    steps.fit_budget(tfe=32 * 5 * 8)
     assert steps.budgets == [6, 2], "step budgets stay whole numbers"
+
+
+def test_a_duration_scales_the_stages_together_and_every_command_honours_debug_fast():
+    method = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=4, stage_kimg=[1, 2, 1], lr=1e-3,
+                                     batch_size=32, duration_kimg=0.64)  # fmt: skip
+    assert method.budgets == pytest.approx([5 * 0.032, 10 * 0.032, 5 * 0.032])  # 1 : 2 : 1 in whole batches
+    assert method.planned_kimg() == pytest.approx(0.64)
+    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_steps=[300, 100], lr=1e-3,
+                                    batch_size=32, duration_kimg=0.128)  # fmt: skip
+    assert steps.budgets == [3, 1] and steps.planned_kimg() == pytest.approx(0.128)
+    for method in ("sim", "progressive", "direct"):
+        cfg = compose("train", [f"method={method}", "debug=fast"])
+        assert cfg.method.duration_kimg == 0.128, method

@@ -59,9 +59,9 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path, monkeypatch):
             "/nonexistent/cifar",
         ),
         ("sample", ["data=mnist", "data.limit=16", "teacher=digits"], "(1, 8, 8) but data 'mnist' has shape"),
-        ("train", ["data=toy2d", "trainer=ddp_sim", "distill.batch_size=63"], "distill.batch_size=63"),
-        ("train", ["data=toy2d", "distill.sigma_init=0"], "distill.sigma_init=0"),
-        ("train", ["data=toy2d", "optim.lr=-1"], "optim.lr=-1"),
+        ("train", ["data=toy2d", "trainer=ddp_sim", "method.batch_size=63"], "method.batch_size=63"),
+        ("train", ["data=toy2d", "method.sigma_init=0"], "method.sigma_init=0"),
+        ("train", ["data=toy2d", "method.lr=-1"], "method.lr=-1"),
         ("train", ["data=toy2d", "method=sid", "method.alpha=5"], "method.alpha=5"),
         ("train", ["data=toy2d", "student=toy2d", "student.sample_shape=[3]"], "shape (3,)"),
     ],
@@ -88,7 +88,7 @@ def test_every_experiment_config_composes(experiment):
         return
     cfg = compose("train", [f"experiment={experiment}"])
     assert cfg.method._target_.startswith("distillbench.methods.")
-    assert cfg.distill.batch_size > 0 and cfg.optim.lr > 0
+    assert cfg.method.batch_size > 0 and cfg.method.lr > 0
 
 
 def test_sample_the_shipped_digits_teacher(tmp_path):
@@ -107,7 +107,7 @@ def test_sample_the_shipped_digits_teacher(tmp_path):
 def test_main_job_writes_the_output_contract(tmp_path):
     """`python -m distillbench.train` (the main job), on a tiny budget."""
     proc = run_cli(
-        "distillbench.train", "distill.batch_size=16", "distill.duration_kimg=0.048", "eval.n=64",
+        "distillbench.train", "method.batch_size=16", "method.duration_kimg=0.048", "eval.n=64",
         "eval.every_kimg=0.032", "teacher_sampler.steps=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )  # fmt: skip
@@ -131,7 +131,7 @@ def test_bf16_mixed_precision_trains_fp32_weights_through_bf16_networks(tmp_path
     runs = {}
     for precision in ("32-true", "bf16-mixed"):
         run_cli("distillbench.train", "method=sid", "data=digits", f"trainer.precision={precision}",
-                "distill.batch_size=8", "distill.duration_kimg=0.016", "eval.n=64", "eval.teacher=false",
+                "method.batch_size=8", "method.duration_kimg=0.016", "eval.n=64", "eval.teacher=false",
                 "logger=csv", f"hydra.run.dir={tmp_path / precision}", cwd=tmp_path)  # fmt: skip
         runs[precision] = torch.load(tmp_path / precision / "checkpoints/last.ckpt", weights_only=False)
     fp32, bf16 = (runs[p]["state_dict"] for p in ("32-true", "bf16-mixed"))
@@ -144,7 +144,7 @@ def test_bf16_mixed_precision_trains_fp32_weights_through_bf16_networks(tmp_path
 
 def test_debug_fast_shortens_train_and_teacher():
     train = compose("train", ["debug=fast"])
-    assert train.distill.duration_kimg == 0.128 and train.eval.n == 64 and not train.eval.teacher
+    assert train.method.duration_kimg == 0.128 and train.eval.n == 64 and not train.eval.teacher
     assert train.checkpoint.every_kimg == 0.064, "a checkpoint is written within the short run"
     teacher = compose("teacher", ["debug=fast"])
     assert teacher.trainer.max_steps == 5

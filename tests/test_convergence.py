@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 # Budget and bounds for every method: the generator and fake score start from a small MLP denoiser trained
 # on the mixture (the analytic teacher has no weights to copy), as real runs start from the teacher.
-DISTILL = ["distill.batch_size=256", "optim.lr=2e-4", "distill.ema_halflife_kimg=20", "eval.n=20000"]
+DISTILL = ["method.batch_size=256", "method.lr=2e-4", "method.ema_halflife_kimg=20", "eval.n=20000"]
 DURATION_KIMG = 1000
 MAX_SHARE_ERROR = 0.03
 MAX_FRECHET = 0.03
@@ -30,7 +30,7 @@ def toy_denoiser(tmp_path_factory):
 def test_one_step_student_reproduces_the_mixture(method, toy_denoiser, tmp_path):
     proc = run_cli(
         "distillbench.train", "data=toy2d", f"method={method}", "student=checkpoint",
-        f"student.path={toy_denoiser}", *DISTILL, f"distill.duration_kimg={DURATION_KIMG}",
+        f"student.path={toy_denoiser}", *DISTILL, f"method.duration_kimg={DURATION_KIMG}",
         f"eval.every_kimg={DURATION_KIMG // 4}", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )  # fmt: skip

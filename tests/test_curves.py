@@ -13,16 +13,16 @@ from distillbench.callbacks.evaluation import PeriodicEvaluation, declare_wandb_
 from distillbench.sweeps import check_one_protocol, load_sweep, plot_sweep, swept_keys
 from tests.helpers import compose, run_cli
 
-TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=256",
+TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.064", "eval.n=256",
         "eval.every_kimg=0.032", "teacher_sampler.steps=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def sweep_2x2(tmp_path_factory):
-    """``-m method=sim,sid optim.lr=1e-4,1e-3`` on toy2d: four tiny jobs under one sweep folder."""
+    """``-m method=sim,sid method.lr=1e-4,1e-3`` on toy2d: four tiny jobs under one sweep folder."""
     root = tmp_path_factory.mktemp("sweep")
     proc = run_cli(
-        "distillbench.train", "-m", "method=sim,sid", "optim.lr=1e-4,1e-3", *TINY,
+        "distillbench.train", "-m", "method=sim,sid", "method.lr=1e-4,1e-3", *TINY,
         f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
     )  # fmt: skip
     return root / "sweep", proc
@@ -36,7 +36,7 @@ def test_a_2x2_sweep_makes_four_runs_with_the_same_evaluation_points(sweep_2x2):
     assert len(set(kimgs)) == 1 and kimgs[0] == (0.0, 0.032, 0.064)
     combined = pd.read_csv(sweep / "curves.csv")
     assert len(combined) == 4 * 3
-    assert set(zip(combined["method"], combined["optim.lr"], strict=True)) == {
+    assert set(zip(combined["method"], combined["method.lr"], strict=True)) == {
         ("sim", 1e-4), ("sim", 1e-3), ("sid", 1e-4), ("sid", 1e-3)}  # fmt: skip
     assert (sweep / "curves.png").stat().st_size > 10_000
     assert "sweep summary:" in proc.stdout
@@ -56,25 +56,25 @@ def test_every_sweep_job_keeps_its_grids_and_its_own_wandb_name_in_one_group(swe
         groups.add(wandb_cfg["group"])
         names.add(wandb_cfg["name"])
     assert groups == {f"train/{sweep.name}"}, "one W&B group per sweep"
-    expected = {"method=sim,optim.lr=0.0001", "method=sim,optim.lr=0.001",
-                "method=sid,optim.lr=0.0001", "method=sid,optim.lr=0.001"}  # fmt: skip
+    expected = {"method=sim,method.lr=0.0001", "method=sim,method.lr=0.001",
+                "method=sid,method.lr=0.0001", "method=sid,method.lr=0.001"}  # fmt: skip
     assert names == expected, "named by the swept keys only"
 
 
 def test_a_sweep_loads_and_plots_from_a_notebook(sweep_2x2, tmp_path):
     frame = load_sweep(sweep_2x2[0])
-    fig = plot_sweep(frame, tmp_path / "fig.png", metrics=["fid"], hue="method", panel="optim.lr")
+    fig = plot_sweep(frame, tmp_path / "fig.png", metrics=["fid"], hue="method", panel="method.lr")
     assert len(fig.axes) == 2 and (tmp_path / "fig.png").is_file()
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["sim", "sid"]
 
 
 def test_a_sweep_with_an_unknown_key_fails_before_any_job_runs(tmp_path):
     proc = run_cli(
-        "distillbench.train", "-m", "method=sim,sid", "optim.lrr=1e-4,1e-5", *TINY,
+        "distillbench.train", "-m", "method=sim,sid", "method.lrr=1e-4,1e-5", *TINY,
         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "optim.lrr" in proc.stderr
+    assert "method.lrr" in proc.stderr
     assert not list(tmp_path.glob("sweep/*/eval.csv")), "no job may have started"
 
 
@@ -250,11 +250,11 @@ def test_tensorboard_gets_the_curves_against_generator_steps_and_a_grid_per_eval
 
 
 def test_metrics_that_differ_between_jobs_are_never_taken_for_swept_settings():
-    frame = pd.DataFrame({"job": ["0", "1"], "distill.sigma_init": ["1.5", "2.5"], "kimg": [0.0, 0.0],
+    frame = pd.DataFrame({"job": ["0", "1"], "method.sigma_init": ["1.5", "2.5"], "kimg": [0.0, 0.0],
                           "gen_step": [0, 0], "fid_clf@1k": [6.0, 7.2], "kid_clf@1k": [0.5, 0.7]},
                          )  # fmt: skip
     fig = plot_sweep(frame, metrics=["fid"])
-    assert len(fig.axes) == 1 and fig.axes[0].get_legend().get_title().get_text() == "distill.sigma_init"
+    assert len(fig.axes) == 1 and fig.axes[0].get_legend().get_title().get_text() == "method.sigma_init"
 
 
 def test_a_sweep_measured_under_two_protocols_is_refused():

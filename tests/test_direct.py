@@ -472,7 +472,7 @@ def test_the_train_command_runs_both_stages_at_k_plus_one_nfe(tmp_path, shards):
         "distillbench.train", "method=direct", "data=trajectories", f"data.root={shards}",
         "+data@data.like=digits", "teacher=digits", "metrics=digits", "sampler@teacher_sampler=dpmpp2m",
         f"teacher_sampler.steps={STEPS}", f"method.steps={STEPS}", "method.k=2", "method.iterations=2",
-        "method.refine_iterations=1", "distill.batch_size=4", "eval.n=32", "eval.every_kimg=100",
+        "method.refine_iterations=1", "method.batch_size=4", "eval.n=32", "eval.every_kimg=100",
         "logger=csv",
         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )  # fmt: skip
@@ -505,14 +505,14 @@ class WideTeacher(Denoiser):
     ("kwargs", "match"),
     [
         ({"steps": 1}, r"method.steps=1 must be an integer >= 2"),
-        ({"k": 0}, r"method.k=0 must be an integer in \[1, 3\]"),
-        ({"k": 4}, r"method.k=4 must be an integer in \[1, 3\]; the teacher takes k of the N steps"),
+        ({"k": 0}, r"method.k=0 must be an integer >= 1"),
+        ({"k": 4}, r"method.k=4 must be an integer in \[1, 3\] \(1 <= k <= method.steps - 1\)"),
         ({"iterations": 0}, r"method.iterations=0 must be an integer >= 1"),
         ({"refiner": None}, r"method.refine_iterations=2 with method.refiner=null"),
         ({"refine_iterations": 0}, r"method.refine_iterations=0 with method.refiner=NAFNet"),
-        ({"l1_fraction": 1.5}, r"method.l1_fraction=1.5 must lie in \[0, 1\]"),
-        ({"lr": 0.0}, r"method.lr=0.0 and method.eta_min=1e-07 need 0 <= eta_min < lr"),
-        ({"grad_clip": -1.0}, r"method.grad_clip=-1.0 must be > 0"),
+        ({"l1_fraction": 1.5}, r"method.l1_fraction=1.5 must be a number in \[0, 1\]"),
+        ({"lr": 0.0}, r"method.lr=0.0 must be a number > 0"),
+        ({"grad_clip": -1.0}, r"method.grad_clip=-1.0 must be a number > 0, or null"),
         ({"net": tiny_nafnet(in_channels=3)}, r"method.net.in_channels=3 but the teacher's samples have 1"),
         (
             {"refiner": tiny_nafnet(num_classes=5)},

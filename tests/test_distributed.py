@@ -23,7 +23,7 @@ from distillbench.teachers.analytic import analytic_teacher
 from distillbench.teachers.denoiser import EDMDenoiser
 from tests.helpers import run_cli, run_folder
 
-TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.064", "eval.n=64",
+TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.064", "eval.n=64",
         "eval.teacher=false", "logger=csv"]  # fmt: skip
 
 
@@ -77,7 +77,7 @@ def test_a_ddp_sim_run_matches_one_process_with_the_same_global_batch(tmp_path):
 
 def test_a_ddp_sim_run_resumed_from_its_middle_checkpoint_ends_as_the_whole_run(tmp_path):
     """Each rank restores its RNG states and data position; rank 0 cuts metrics.csv back to the checkpoint."""
-    settings = [*TINY, "trainer=ddp_sim", "distill.duration_kimg=0.128", "checkpoint.every_kimg=0.064"]
+    settings = [*TINY, "trainer=ddp_sim", "method.duration_kimg=0.128", "checkpoint.every_kimg=0.064"]
     whole = run_folder(run_cli("distillbench.train", *settings, f"hydra.run.dir={tmp_path / 'whole'}",
                                cwd=tmp_path))  # fmt: skip
     cut = tmp_path / "cut"
@@ -101,7 +101,7 @@ def test_direct_distillation_trains_one_network_per_stage_under_ddp(tmp_path):
     proc = run_cli(
         "distillbench.train", "method=direct", "data=trajectories", f"data.root={tmp_path / 'pairs'}",
         "+data@data.like=digits", "teacher=digits", "metrics=digits", "method.steps=4", "method.k=2",
-        "method.iterations=2", "method.refine_iterations=2", "distill.batch_size=8", "eval.n=32",
+        "method.iterations=2", "method.refine_iterations=2", "method.batch_size=8", "eval.n=32",
         "eval.teacher=false", "logger=csv", "trainer=ddp_sim", "data.streaming=true",
         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )  # fmt: skip
@@ -113,7 +113,7 @@ def test_direct_distillation_trains_one_network_per_stage_under_ddp(tmp_path):
 def test_a_sweep_over_device_counts_with_lightning_ddp_runs_each_job_once_in_its_folder(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("distillbench.train", "-m", "trainer=ddp", "trainer.devices=2,1", "method=sim,sid", *TINY,
-                   "distill.duration_kimg=0.032", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+                   "method.duration_kimg=0.032", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
     assert proc.stdout.count("Launching 4 jobs") == 1, "no rank starts a sweep of its own"
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
@@ -177,7 +177,7 @@ def test_ddp_trainers_use_the_per_network_strategy(trainer):
 def test_submitit_local_runs_each_sweep_job_in_its_own_fixed_folder(tmp_path):
     sweep = tmp_path / "sweep"
     run_cli("distillbench.train", "-m", "hydra/launcher=local", "method=sim,sid", *TINY,
-            "distill.duration_kimg=0.032", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+            "method.duration_kimg=0.032", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
     for job, method in (("0", "SIM"), ("1", "SiD")):
         assert json.loads((sweep / job / "summary.json").read_text())["method"] == method
     assert (sweep / ".submitit").is_dir() and (sweep / "curves.csv").is_file()

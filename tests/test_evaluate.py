@@ -26,7 +26,7 @@ def workspace(tmp_path_factory) -> Path:
 def student_run(workspace) -> Path:
     """A tiny toy2d SIM training run (two generator steps)."""
     proc = run_cli(
-        "distillbench.train", "data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.032",
+        "distillbench.train", "data=toy2d", "method.batch_size=16", "method.duration_kimg=0.032",
         "eval.n=64", "eval.every_kimg=1", "eval.teacher=false", "logger=csv",
         f"hydra.run.dir={workspace / 'train'}", cwd=workspace,
     )  # fmt: skip

@@ -33,7 +33,7 @@ from tests.helpers import run_cli, run_folder, run_in_process
 from tests.test_resume import poison_teacher, toy_run
 
 # 10 generator steps of 32 on the toy 2-D data, a checkpoint after steps 5 and 10
-RUN = ["data=toy2d", "distill.batch_size=32", "distill.duration_kimg=0.32", "checkpoint.every_kimg=0.16",
+RUN = ["data=toy2d", "method.batch_size=32", "method.duration_kimg=0.32", "checkpoint.every_kimg=0.16",
        "eval.n=64", "eval.every_kimg=0.16", "eval.teacher=false", "logger=csv",
        "trainer.deterministic=true"]  # fmt: skip
 
@@ -114,7 +114,7 @@ def test_of_two_runs_claiming_one_new_folder_at_once_exactly_one_proceeds(tmp_pa
 # ---- resume ------------------------------------------------------------------------------------------------
 def test_a_learning_rate_changed_on_resume_reaches_the_restored_optimisers(whole, tmp_path):
     changed = copy_at_step_five(whole, tmp_path / "changed")
-    run_cli("distillbench.train", f"resume={changed}", "optim.lr=3e-4", cwd=tmp_path)
+    run_cli("distillbench.train", f"resume={changed}", "method.lr=3e-4", cwd=tmp_path)
 
     # the reference: the same checkpoint, its optimisers' rate and the config rewritten to 3e-4 by hand
     reference = copy_at_step_five(whole, tmp_path / "reference")
@@ -125,7 +125,7 @@ def test_a_learning_rate_changed_on_resume_reaches_the_restored_optimisers(whole
             group["lr"] = 3e-4
     write_checkpoint(checkpoint, path)
     config = OmegaConf.load(reference / "config.yaml")
-    config.optim.lr = config.method.lr = 3e-4
+    config.method.lr = 3e-4
     (reference / "config.yaml").write_text(OmegaConf.to_yaml(config))
     run_cli("distillbench.train", f"resume={reference}", cwd=tmp_path)
 
@@ -172,9 +172,9 @@ def test_a_refused_resume_writes_nothing_into_the_run_folder(whole, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(whole, folder)
     before = snapshot(folder)
-    proc = run_cli("distillbench.train", f"resume={folder}", "distill.batch_size=64", cwd=tmp_path,
+    proc = run_cli("distillbench.train", f"resume={folder}", "method.batch_size=64", cwd=tmp_path,
                    check=False)  # fmt: skip
-    assert proc.returncode == 2 and "distill.batch_size cannot change on resume" in proc.stderr
+    assert proc.returncode == 2 and "method.batch_size cannot change on resume" in proc.stderr
     assert snapshot(folder) == before and not list((folder / ".hydra").glob("resume-*"))
 
 
@@ -201,7 +201,7 @@ def test_orphans_are_the_temporary_files_and_digests_without_checkpoints(tmp_pat
 
 
 def test_a_full_disk_stops_the_run_with_its_last_checkpoint_whole(tmp_path, monkeypatch):
-    run = toy_run(tmp_path, "distill.duration_kimg=0.32", "checkpoint.every_kimg=0.096")
+    run = toy_run(tmp_path, "method.duration_kimg=0.32", "checkpoint.every_kimg=0.096")
     real_write = checkpoint_files._HashingWriter.write
     written = {"checkpoints": 0}
 
@@ -246,7 +246,7 @@ def test_the_enospc_behind_torch_own_error_is_found():
 
 # ---- non-finite values -------------------------------------------------------------------------------------
 def test_the_nonfinite_stop_says_there_is_no_checkpoint_when_there_is_none(tmp_path):
-    run = toy_run(tmp_path, "distill.duration_kimg=1", "max_bad_steps=3", "checkpoint.every_kimg=10")
+    run = toy_run(tmp_path, "method.duration_kimg=1", "max_bad_steps=3", "checkpoint.every_kimg=10")
     poison_teacher(run, lambda step: True)
     with pytest.raises(TrainingStopped) as caught:
         run.trainer.fit(run.method, datamodule=run.train_data)
@@ -262,9 +262,9 @@ BAD_INPUT = [
     ("sample", ["n=0"], "n=0 must be an integer >= 1"),
     ("sample", ["n=-5"], "n=-5 must be an integer >= 1"),
     ("train", ["data=cifar10"], "experiment=paper/cifar10_sid"),
-    ("train", ["optim.lrr=1"], "Could not override 'optim.lrr'"),
+    ("train", ["method.lrr=1"], "Could not override 'method.lrr'"),
     ("sample", ["sampler=nope"], "Could not find 'sampler/nope'"),
-    ("train", ["optim.lr=[1,"], "the override 'optim.lr=[1,' does not parse"),
+    ("train", ["method.lr=[1,"], "the override 'method.lr=[1,' does not parse"),
 ]
 
 

@@ -62,8 +62,8 @@ METRICS = "metrics.metrics=[fid,log_density_gap,coverage_tv]"
 FID, GAP, COVERAGE = "fid_clf@1k", "log_density_gap@1k", "coverage_tv@1k"
 
 COMMON = ["data=gmm_digits", METRICS, f"eval.n={N}", "eval.teacher=false", "logger=[]", "seed=0",
-          "trainer.deterministic=true", "distill.batch_size=32"]  # fmt: skip
-DISTIL = ["distill.sigma_init=0.5", "optim.lr=1e-4", "distill.duration_kimg=0.48", "eval.every_kimg=0.48"]
+          "trainer.deterministic=true", "method.batch_size=32"]  # fmt: skip
+DISTIL = ["method.sigma_init=0.5", "method.lr=1e-4", "method.duration_kimg=0.48", "eval.every_kimg=0.48"]
 PROGRESSIVE = ["method.n_start=2", "method.stage_kimg=0.32", "method.lr=2e-4", "eval.every_kimg=10"]
 SETTINGS = {
     "sim": ["method=sim", *DISTIL],

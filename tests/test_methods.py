@@ -180,7 +180,7 @@ def test_sim_pseudo_huber_gradient_matches_the_score_gradient_theorem():
     ("cls", "kwargs", "key"),
     [
         (SIM, {"sigma_init": 0.0}, "method.sigma_init"),
-        (SiD, {"lr": -1e-4}, "optim.lr"),
+        (SiD, {"lr": -1e-4}, "method.lr"),
         (SiD, {"alpha": 3.0}, "method.alpha"),
         (SIM, {"c": -1.0}, "method.c"),
         (SIM, {"distance": "l3"}, "method.distance"),

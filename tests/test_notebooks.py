@@ -11,10 +11,10 @@ from nbclient import NotebookClient
 from tests.helpers import ROOT, run_cli
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-TINY = ["data=toy2d", "distill.batch_size=16", "distill.duration_kimg=0.032", "eval.n=256",
+TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.032", "eval.n=256",
         "eval.every_kimg=0.032", "eval.teacher=false", "logger=csv"]  # fmt: skip
 ABLATIONS = {"sid_alpha": "method.alpha=0.5,1.2", "sim_c": "method.c=0.1,1.0",
-             "sim_distance": "method.distance=pseudo_huber,l2", "sigma_init": "distill.sigma_init=1.5,2.5",
+             "sim_distance": "method.distance=pseudo_huber,l2", "sigma_init": "method.sigma_init=1.5,2.5",
              "time_law": "method.time_law=p_sim,p_edm"}  # fmt: skip
 
 
@@ -112,8 +112,8 @@ def test_the_lr_notebook_reads_wandb_runs_named_by_their_overrides(tmp_path):
         def runs(self, project, filters):
             assert project == "distillbench" and filters == {"group": "lr_robustness/x"}
             return [
-                Run("method=sim,optim.lr=0.0001,seed=0", 4.0),
-                Run("method=sid,optim.lr=0.0001,seed=0", 6.0),
+                Run("method=sim,method.lr=0.0001,seed=0", 4.0),
+                Run("method=sid,method.lr=0.0001,seed=0", 6.0),
             ]
 
     frame = load_wandb_group("lr_robustness/x", api=Api())

@@ -52,7 +52,7 @@ def standins(tmp_path_factory) -> dict[str, Path]:
 def test_paper_experiment_has_the_paper_settings_and_runs_one_step(name, standins, tmp_path):
     method, conditional, batch, fid = PAPER[name]
     cfg = compose("train", [f"experiment=paper/{name}"])
-    assert cfg.distill.batch_size == batch and cfg.eval.n == 50_000 and cfg.optim.lr == 1e-5
+    assert cfg.method.batch_size == batch and cfg.eval.n == 50_000 and cfg.method.lr == 1e-5
     assert cfg.metrics.extractor._target_.endswith("InceptionFeatures")
     assert cfg.metrics.reference.endswith("edm/fid-refs/cifar10-32x32.npz")
     assert cfg.teacher.path.endswith("edm-cifar10-cond" if conditional else "edm-cifar10-uncond")
@@ -63,8 +63,8 @@ def test_paper_experiment_has_the_paper_settings_and_runs_one_step(name, standin
         "distillbench.train", f"experiment=paper/{name}", "trainer=cpu", f"data.root={standins['cifar']}",
         "data.download=false", f"teacher.path={teacher}",
         "metrics.extractor._target_=distillbench.metrics.IdentityFeatures", "+metrics.extractor.dim=3072",
-        "metrics.metrics=[pr]", "metrics.reference=null", "distill.batch_size=4",
-        "distill.duration_kimg=0.004", "eval.n=16", "eval.batch_size=16", "eval.teacher=false", "logger=csv",
+        "metrics.metrics=[pr]", "metrics.reference=null", "method.batch_size=4",
+        "method.duration_kimg=0.004", "eval.n=16", "eval.batch_size=16", "eval.teacher=false", "logger=csv",
         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )  # fmt: skip
     summary = json.loads((run_folder(proc) / "summary.json").read_text())

@@ -27,7 +27,7 @@ from distillbench.utils.checkpoints import (
 from tests.helpers import compose, run_cli
 
 # 30 generator steps of 16 on digits, a checkpoint every 10 steps, every step's row written at once
-RUN = ["distill.batch_size=16", "distill.duration_kimg=0.48", "eval.n=64", "eval.every_kimg=0.128",
+RUN = ["method.batch_size=16", "method.duration_kimg=0.48", "eval.n=64", "eval.every_kimg=0.128",
        "checkpoint.every_kimg=0.16", "eval.teacher=false", "logger=csv", "trainer.log_every_n_steps=1",
        "+logger.csv.flush_logs_every_n_steps=1", "trainer.deterministic=true"]  # fmt: skip
 
@@ -116,9 +116,9 @@ def test_a_truncated_checkpoint_is_named_and_the_earlier_one_still_loads(runs, t
 
 
 def test_resume_refuses_settings_that_would_change_the_run(runs, tmp_path):
-    proc = run_cli("distillbench.train", f"resume={runs[0]}", "optim.betas=[0.5,0.999]", cwd=tmp_path,
+    proc = run_cli("distillbench.train", f"resume={runs[0]}", "method.betas=[0.5,0.999]", cwd=tmp_path,
                    check=False)  # fmt: skip
-    assert proc.returncode == 2 and "optim.betas cannot change on resume" in proc.stderr
+    assert proc.returncode == 2 and "method.betas cannot change on resume" in proc.stderr
     proc = run_cli("distillbench.train", f"resume={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is not a run folder" in proc.stderr
 
@@ -172,7 +172,7 @@ def toy_run(tmp_path, *overrides: str):
         "train",
         [
             "data=toy2d",
-            "distill.batch_size=32",
+            "method.batch_size=32",
             "eval.n=256",
             "eval.every_kimg=0.064",
             "eval.teacher=false",
@@ -195,7 +195,7 @@ def poison_teacher(run, bad) -> None:
 
 
 def test_a_few_nonfinite_teacher_outputs_are_survived_and_counted(tmp_path):
-    run = toy_run(tmp_path, "distill.duration_kimg=0.32", "max_bad_steps=4")
+    run = toy_run(tmp_path, "method.duration_kimg=0.32", "max_bad_steps=4")
     poison_teacher(run, lambda step: step in (2, 3, 4))
     run.trainer.fit(run.method, datamodule=run.train_data)
     assert int(run.method.gen_steps) == 10, "the run reached its budget"
@@ -206,7 +206,7 @@ def test_a_few_nonfinite_teacher_outputs_are_survived_and_counted(tmp_path):
 
 
 def test_persistent_nonfinite_values_stop_the_run_with_its_last_good_checkpoint(tmp_path):
-    run = toy_run(tmp_path, "distill.duration_kimg=1", "max_bad_steps=3", "checkpoint.every_kimg=0.064")
+    run = toy_run(tmp_path, "method.duration_kimg=1", "max_bad_steps=3", "checkpoint.every_kimg=0.064")
     poison_teacher(run, lambda step: step >= 5)
     with pytest.raises(TrainingStopped, match="3 steps in a row had non-finite values"):
         run.trainer.fit(run.method, datamodule=run.train_data)

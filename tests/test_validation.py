@@ -34,23 +34,23 @@ INVALID = [
     (["checkpoint.keep=1.5"], "checkpoint.keep=1.5", "an integer >= 1"),
     (["checkpoint.fallback=1"], "checkpoint.fallback=1", "true or false"),
     # distill
-    (["distill.batch_size=0"], "distill.batch_size=0", ">= 1"),
-    (["distill.batch_size=true"], "distill.batch_size=True", "an integer >= 1"),  # a bool is not an int
-    (["distill.sigma_init=0"], "distill.sigma_init=0", "> 0"),
-    (["distill.fake_updates=0"], "distill.fake_updates=0", ">= 1"),
-    (["distill.duration_kimg=-3"], "distill.duration_kimg=-3", "> 0"),
-    (["distill.ema_halflife_kimg=-1"], "distill.ema_halflife_kimg=-1", ">= 0"),
-    (["distill.ema_rampup_ratio=-0.1"], "distill.ema_rampup_ratio=-0.1", ">= 0, or null"),
-    (["distill.loss_scaling_g=0"], "distill.loss_scaling_g=0", "> 0"),
-    (["distill.t_max=1.5"], "distill.t_max=1.5", "(0, 1]"),
-    (["distill.t_max=nan"], "distill.t_max=nan", "(0, 1]"),
+    (["method.batch_size=0"], "method.batch_size=0", ">= 1"),
+    (["method.batch_size=true"], "method.batch_size=True", "an integer >= 1"),  # a bool is not an int
+    (["method.sigma_init=0"], "method.sigma_init=0", "> 0"),
+    (["method.fake_updates=0"], "method.fake_updates=0", ">= 1"),
+    (["method.duration_kimg=-3"], "method.duration_kimg=-3", "> 0"),
+    (["method.ema_halflife_kimg=-1"], "method.ema_halflife_kimg=-1", ">= 0"),
+    (["method.ema_rampup_ratio=-0.1"], "method.ema_rampup_ratio=-0.1", ">= 0, or null"),
+    (["method.loss_scaling_g=0"], "method.loss_scaling_g=0", "> 0"),
+    (["method.t_max=1.5"], "method.t_max=1.5", "(0, 1]"),
+    (["method.t_max=nan"], "method.t_max=nan", "(0, 1]"),
     # optim
-    (["optim.lr=-1"], "optim.lr=-1", "> 0"),
-    (["optim.lr=abc"], "optim.lr='abc'", "a number > 0"),
-    (["optim.fake_lr=0"], "optim.fake_lr=0", "> 0, or null"),
-    (["optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]", "[0, 1)"),
-    (["optim.betas=[0.9]"], "optim.betas=[0.9]", "two numbers"),
-    (["optim.eps=0"], "optim.eps=0", "> 0"),
+    (["method.lr=-1"], "method.lr=-1", "> 0"),
+    (["method.lr=abc"], "method.lr='abc'", "a number > 0"),
+    (["method.fake_lr=0"], "method.fake_lr=0", "> 0, or null"),
+    (["method.betas=[0.9,1.0]"], "method.betas=[0.9, 1.0]", "[0, 1)"),
+    (["method.betas=[0.9]"], "method.betas=[0.9]", "two numbers"),
+    (["method.eps=0"], "method.eps=0", "> 0"),
     # eval
     (["eval.every_kimg=0"], "eval.every_kimg=0", "> 0"),
     (["eval.n=1"], "eval.n=1", ">= 2"),
@@ -66,9 +66,9 @@ INVALID = [
     (["trainer.precision=fp8"], "trainer.precision='fp8'", "'bf16-mixed'"),
     (["trainer.precision=16.0"], "trainer.precision=16.0", "'32-true'"),
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0", ">= 1"),
-    (["trainer=ddp_sim", "distill.batch_size=63"], "distill.batch_size=63", "multiple of 2, e.g. 64"),
-    (["trainer.devices=2", "+trainer.num_nodes=2", "distill.batch_size=6"], "distill.batch_size=6", "of 4"),
-    (["trainer.devices=[0,1,2]", "distill.batch_size=64"], "distill.batch_size=64", "multiple of 3"),
+    (["trainer=ddp_sim", "method.batch_size=63"], "method.batch_size=63", "multiple of 2, e.g. 64"),
+    (["trainer.devices=2", "+trainer.num_nodes=2", "method.batch_size=6"], "method.batch_size=6", "of 4"),
+    (["trainer.devices=[0,1,2]", "method.batch_size=64"], "method.batch_size=64", "multiple of 3"),
     # SIM
     (["method.distance=l1"], "method.distance='l1'", "'pseudo_huber'"),
     (["method.c=0"], "method.c=0", "> 0, or null"),
@@ -133,10 +133,10 @@ VALID = [
     ["trainer=gpu", "trainer.devices=-1", "trainer.precision=16", "+trainer.num_nodes=2", "resume=/a/run"],
     [
         "trainer.devices=[0,1]",
-        "optim.fake_lr=1e-5",
+        "method.fake_lr=1e-5",
         "method.c=null",
         "threads=2",
-        "distill.ema_rampup_ratio=null",
+        "method.ema_rampup_ratio=null",
     ],
     ["eval.grid_size=0", "checkpoint.fallback=true", "method.detach_normaliser=true", "seed=4294967295"],
     ["sampler@teacher_sampler=dpmpp2m", "schedule@teacher_sampler.schedule=log_uniform"],
@@ -246,10 +246,10 @@ def test_a_teacher_with_other_classes_fails_naming_both():
 # ---- end to end --------------------------------------------------------------------------------------------
 def test_the_train_command_fails_before_any_work(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("distillbench.train", "data=toy2d", "optim.betas=[0.9,1.0]", f"hydra.run.dir={run}",
+    proc = run_cli("distillbench.train", "data=toy2d", "method.betas=[0.9,1.0]", f"hydra.run.dir={run}",
                    cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "optim.betas=[0.9, 1.0] must be two numbers [beta1, beta2], each in [0, 1)" in proc.stderr
+    assert "method.betas=[0.9, 1.0] must be two numbers [beta1, beta2], each in [0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not run.exists()
 

@@ -38,7 +38,7 @@ def swept_keys() -> set[str]:
 
 
 def run_name() -> str | None:
-    """W&B run name: the job's swept settings in a sweep (``method=sid,optim.lr=1e-5``); else W&B's own."""
+    """W&B run name: the job's swept settings in a sweep (``method=sid,method.lr=1e-5``); else W&B's own."""
     if not in_sweep():
         return None
     keys = swept_keys()

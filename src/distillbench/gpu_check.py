@@ -269,7 +269,7 @@ def run_cases(cfg: DictConfig, record) -> list[dict]:
     for index, case in enumerate(OmegaConf.to_container(cfg.cases, resolve=True)):
         settings = settings_of(case, rows, int(cfg.batch_size))
         if case.get("experiment") and case.get("batch") is None:  # the experiment's own batch
-            settings["batch"] = int(experiment_config(case["experiment"]).distill.batch_size)
+            settings["batch"] = int(experiment_config(case["experiment"]).method.batch_size)
         row = {"case": index, "method": case.get("method") or case.get("experiment"), **settings}
         elapsed = time.perf_counter() - start
         if elapsed + estimate(cfg, case, settings, compiled) > cfg.budget_s:

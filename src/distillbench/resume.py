@@ -4,7 +4,7 @@
 or in a ``-m`` sweep with ``hydra.sweep.dir=<sweep folder>``):
 
 - the run's own ``config.yaml`` is used; only the settings in :data:`CHANGEABLE_ON_RESUME` may be given
-  again with other values (e.g. a longer ``distill.duration_kimg``), anything else is an error;
+  again with other values (e.g. a longer ``method.duration_kimg``), anything else is an error;
 - the newest good checkpoint is picked (a broken newest one is an error unless ``checkpoint.fallback=true``);
 - ``metrics.csv`` is cut back to the rows it had at that checkpoint (the rows after it are made again),
   the W&B run id is restored, and the teacher must be the one the run was trained with.
@@ -27,8 +27,8 @@ from distillbench.utils.io import atomic_write_text
 from distillbench.utils.logging import WANDB_ID_FILE, truncate_rows
 
 #: settings a resumed run may change (a key or a group of keys)
-CHANGEABLE_ON_RESUME = ("resume", "threads", "distill.duration_kimg", "max_bad_steps", "checkpoint",
-                        "eval.every_kimg", "eval.teacher", "optim.lr", "optim.fake_lr", "trainer.devices",
+CHANGEABLE_ON_RESUME = ("resume", "threads", "method.duration_kimg", "max_bad_steps", "checkpoint",
+                        "eval.every_kimg", "eval.teacher", "method.lr", "method.fake_lr", "trainer.devices",
                         "trainer.num_nodes", "logger")  # fmt: skip
 
 
@@ -77,14 +77,14 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     for key in given:
         value = OmegaConf.select(cfg, key)
         OmegaConf.update(saved, key, value, merge=False)
-        for derived in references.get(key, []):  # config.yaml is resolved: ``${optim.lr}`` reads as a value
+        for derived in references.get(key, []):  # config.yaml is resolved: ``${lr}`` reads as a value
             OmegaConf.update(saved, derived, value, merge=False)
     return saved
 
 
 def interpolations(folder: Path) -> dict[str, list[str]]:
     """Key → the keys that the run's composed config (Hydra's unresolved record) sets to exactly ``${key}``,
-    such as ``optim.lr`` → ``[method.lr]``."""
+    such as ``lr`` → ``[method.lr, method.fake_lr]`` in a config that interpolates one learning rate."""
     record = folder / ".hydra" / "config.yaml"
     found: dict[str, list[str]] = {}
 

@@ -114,7 +114,10 @@ SCHEDULE = {"schedule.rho": POSITIVE, "schedule.p": POSITIVE}  # a sampler's σ 
 
 def check(key: str, value, rule: Rule, why: str = "") -> None:
     """A :class:`~distillbench.errors.ConfigError` ``<key>=<value> <what it must be> (<why>)`` when ``value``
-    breaks ``rule``."""
+    breaks ``rule``. A config's lists and a constructor's tuples are checked as plain lists."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    value = list(value) if isinstance(value, tuple) else value
     want = rule(value)
     if want is not None:
         raise ConfigError(f"{key}={value!r} {want}{f' ({why})' if why else ''}")

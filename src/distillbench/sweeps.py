@@ -74,7 +74,7 @@ def latest_sweep(root: str | Path) -> Path:
 
 
 def overrides_from_name(name: str) -> dict[str, str]:
-    """Run name ``method=sid,optim.lr=0.0001`` → ``{'method': 'sid', 'optim.lr': '0.0001'}``."""
+    """Run name ``method=sid,method.lr=0.0001`` → ``{'method': 'sid', 'method.lr': '0.0001'}``."""
     return dict(item.split("=", 1) for item in (name or "").split(",") if "=" in item)
 
 

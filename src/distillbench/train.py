@@ -67,10 +67,11 @@ def plan_budget(cfg: DictConfig, method, datamodule) -> None:
             f"making the trajectories cost {data_tfe:.4g} teacher forwards, more than budget_tfe="
             f"{cfg.budget_tfe}; raise budget_tfe or make fewer trajectories"
         )
-    kimg = method.fit_budget(cfg.budget_tfe - data_tfe, cfg.distill.batch_size)
+    kimg = method.fit_budget(cfg.budget_tfe - data_tfe)
     method.tfe.fill_(data_tfe)  # a resumed run's count comes from its checkpoint
     with open_dict(cfg):
-        cfg.distill.duration_kimg = kimg
+        if not method.staged:  # the run's config records the duration it trains for
+            cfg.method.duration_kimg = kimg
         if cfg.eval.get("curve_points"):
             cfg.eval.every_kimg = kimg / cfg.eval.curve_points
 
@@ -101,29 +102,29 @@ def build(cfg: DictConfig) -> Run:
     if cfg.get("budget_tfe") is not None:
         plan_budget(cfg, method, datamodule)
     if method.trains_on_real_data:
-        datamodule.batch_size = cfg.distill.batch_size
+        datamodule.batch_size = method.batch_size
         train_data = datamodule
     else:
-        train_data = NoiseDataModule(like=datamodule, batch_size=cfg.distill.batch_size, seed=cfg.seed)
+        train_data = NoiseDataModule(like=datamodule, batch_size=method.batch_size, seed=cfg.seed)
     metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.eval.n)
     evaluation = PeriodicEvaluation(metrics, datamodule, cfg.eval.every_kimg, cfg.eval.n, cfg.eval.noise_seed,
                                     cfg.eval.batch_size, cfg.eval.grid_size, output_dir(cfg))  # fmt: skip
     if method.staged:  # it stops itself after its last stage
         callbacks = [evaluation, StageEvaluation(evaluation)]
     else:
-        callbacks = [evaluation, KimgBudget(cfg.distill.duration_kimg)]
+        callbacks = [evaluation, KimgBudget(method.planned_kimg())]
     ckpt_path = resume_point(cfg, teacher)  # before the loggers: it may restore the W&B run id
     guard = NonFiniteGuard(cfg.max_bad_steps, output_dir(cfg) / run_folder.CHECKPOINTS)
     checkpoints = RunCheckpoints(output_dir(cfg) / run_folder.CHECKPOINTS, cfg.checkpoint.every_kimg,
                                  cfg.checkpoint.keep, run_facts(cfg, teacher), guard)  # fmt: skip
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(KimgProgressBar(method.planned_kimg(cfg.distill.duration_kimg)))
+        callbacks.append(KimgProgressBar(method.planned_kimg()))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[*callbacks, guard, checkpoints],
         logger=instantiate_loggers(cfg.get("logger"), output_dir(cfg)), max_steps=-1, max_epochs=-1,
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )  # fmt: skip
-    per_device_batch(cfg.distill.batch_size, trainer.world_size, key="distill.batch_size")
+    per_device_batch(method.batch_size, trainer.world_size, key="method.batch_size")
     return Run(datamodule, teacher, method, train_data, metrics, evaluation, trainer, ckpt_path)
 
 

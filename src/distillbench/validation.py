@@ -5,7 +5,7 @@ output folder (the teacher against the data: :func:`distillbench.teachers.checkp
 declares for its own keys (``settings``, rules from :mod:`distillbench.rules`) over the composed ``train``
 config (keys that the config lacks are skipped), then the method's checks that tie keys together
 (``check_config``). The first bad value raises a :class:`~distillbench.errors.ConfigError` of the form
-``<key>=<value> must be <rule> (<why>)``, e.g. ``optim.lr=-1 must be a number > 0``.
+``<key>=<value> must be <rule> (<why>)``, e.g. ``method.lr=-1 must be a number > 0``.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ from distillbench.rules import (
     POSITIVE,
     SCHEDULE,
     Rule,
-    betas,
     boolean,
     check,
     devices,
     flag_or_path,
     integer,
     lookup,
-    number,
     one_of,
     optional,
 )
@@ -54,19 +52,6 @@ SETTINGS: dict[str, Rule] = {
     "checkpoint.every_kimg": POSITIVE,
     "checkpoint.keep": integer(ge=1),
     "checkpoint.fallback": boolean,
-    "distill.batch_size": integer(ge=1),
-    "distill.sigma_init": POSITIVE,
-    "distill.fake_updates": integer(ge=1),
-    "distill.duration_kimg": POSITIVE,
-    "distill.ema_halflife_kimg": number(ge=0),
-    "distill.ema_rampup_ratio": optional(number(ge=0)),
-    "distill.loss_scaling": POSITIVE,
-    "distill.loss_scaling_g": POSITIVE,
-    "distill.t_max": number(gt=0, le=1),
-    "optim.lr": POSITIVE,
-    "optim.fake_lr": OPTIONAL_POSITIVE,
-    "optim.betas": betas,
-    "optim.eps": POSITIVE,
     "eval.every_kimg": POSITIVE,
     "eval.curve_points": optional(integer(ge=1)),
     "eval.n": integer(ge=2),
@@ -84,6 +69,7 @@ SETTINGS: dict[str, Rule] = {
     "teacher_sampler.steps": integer(ge=1),
     **{f"teacher_sampler.{key}": rule for key, rule in SCHEDULE.items()},
 }
+
 
 # ---- checking ----------------------------------------------------------------------------------------------
 def method_class(cfg: DictConfig):
@@ -117,8 +103,8 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 def check_batch_divides(cfg: DictConfig) -> None:
-    """``distill.batch_size`` divides over trainer.devices × trainer.num_nodes processes (when known)."""
-    batch, count = lookup(cfg, "distill.batch_size"), lookup(cfg, "trainer.devices")
+    """``method.batch_size`` divides over trainer.devices × trainer.num_nodes processes (when known)."""
+    batch, count = lookup(cfg, "method.batch_size"), lookup(cfg, "trainer.devices")
     count = len(count) if isinstance(count, list) else count
     if batch is ABSENT or not (isinstance(count, int) and count >= 1):
         return  # no batch, or devices 'auto' / -1: the trainer counts them (per_device_batch checks then)
@@ -128,7 +114,7 @@ def check_batch_divides(cfg: DictConfig) -> None:
     if batch % processes:
         multiple = math.ceil(batch / processes) * processes
         raise ConfigError(
-            f"distill.batch_size={batch} is not divisible by the {processes} processes (trainer.devices: "
+            f"method.batch_size={batch} is not divisible by the {processes} processes (trainer.devices: "
             f"{count} × trainer.num_nodes: {nodes}); choose a multiple of {processes}, e.g. {multiple}"
         )
 

@@ -60,9 +60,9 @@ class NonFiniteGuard(L.Callback):
         if newest is None:
             where = f" in {folder.parent}" if folder is not None else ""
             return (f"No checkpoint was written before the streak, so resume=<run folder> starts the run "
-                    f"again from the beginning{where}; optim.lr may be lowered on resume.")  # fmt: skip
+                    f"again from the beginning{where}; method.lr may be lowered on resume.")  # fmt: skip
         return (f"Its newest checkpoint, {newest.name}, predates the streak: resume={folder.parent} "
-                "continues from it, and optim.lr (and optim.fake_lr) may be changed on resume.")  # fmt: skip
+                "continues from it, and method.lr (and method.fake_lr) may change on resume.")  # fmt: skip
 
     def state_dict(self) -> dict:
         return {"streak": self.streak}

@@ -12,8 +12,9 @@ class KimgProgressBar(TQDMProgressBar):
     ``total_kimg`` is the run's planned duration (None: unknown, e.g. stages budgeted in optimiser steps;
     the bar then counts kimg without a total or an ETA)."""
 
-    TRAIN_FORMAT = "{desc} {percentage:3.0f}%|{bar:20}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}] "\
-                 "{postfix}"
+    TRAIN_FORMAT = (
+        "{desc} {percentage:3.0f}%|{bar:20}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}] {postfix}"
+    )
     OPEN_FORMAT = "{desc} {n:.2f} kimg [{elapsed}] {postfix}"
 
     def __init__(self, total_kimg: float | None, refresh_rate: int = 1):

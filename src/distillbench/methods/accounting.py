@@ -41,7 +41,7 @@ class ComputeAccounting(abc.ABC):
         """(network, forward passes, backward passes) per training sample of the current step."""
 
     @abc.abstractmethod
-    def fit_budget(self, tfe: float, batch_size: int) -> float:
+    def fit_budget(self, tfe: float) -> float:
         """Set the method's duration so that training spends ``tfe``; returns that duration in kimg."""
 
     def parameters_of(self, module: torch.nn.Module) -> int:

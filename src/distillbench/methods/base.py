@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from distillbench.methods.accounting import ComputeAccounting
-from distillbench.rules import Rule, check
+from distillbench.rules import OPTIONAL_POSITIVE, Rule, check, integer
 from distillbench.teachers.denoiser import Denoiser, freeze
 
 
@@ -53,15 +53,26 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
     ddp_networks: ClassVar[tuple[str, ...]] = ()
     #: whether training batches are the data module's samples (else label-only noise batches)
     trains_on_real_data: ClassVar[bool] = False
-    #: whether the method ends itself after its last stage (else it trains for ``distill.duration_kimg``)
+    #: whether the method ends itself after its last stage (else it trains for ``method.duration_kimg``)
     staged: ClassVar[bool] = False
     #: the weights :meth:`sample` uses: ``"ema"`` (an exponential moving average) or ``"online"``
     evaluated_with: ClassVar[str] = "online"
-    #: the rules of the method's own keys (under ``method.``), merged along the class hierarchy
-    settings: ClassVar[dict[str, Rule]] = {}
+    #: the rules of the method's own keys (under ``method.``), merged along the class hierarchy; checked
+    #: before any work (:mod:`distillbench.validation`) and by the constructors (:meth:`check_arguments`)
+    settings: ClassVar[dict[str, Rule]] = {"batch_size": integer(ge=1), "duration_kimg": OPTIONAL_POSITIVE}
 
-    def __init__(self, teacher: Denoiser, seed: int = 0):
+    def __init__(
+        self, teacher: Denoiser, seed: int = 0, batch_size: int = 64, duration_kimg: float | None = None
+    ):
+        """``batch_size``: the global batch of a training step (divided over the processes);
+        ``duration_kimg``: the generator kimg to train for (a staged method scales its stage budgets to it;
+        null keeps them)."""
         super().__init__()
+        self.check_arguments(locals())
+        #: the global batch of a training step, over all processes
+        self.batch_size = int(batch_size)
+        #: the generator kimg the run trains for (None: the stages' own budgets)
+        self.duration_kimg = None if duration_kimg is None else float(duration_kimg)
         self.automatic_optimization = False
         self._teacher = [freeze(teacher)]  # a list: outside the module tree (no checkpoint, no DDP)
         self.sample_shape = tuple(teacher.sample_shape)
@@ -88,11 +99,13 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
         return merged
 
     @classmethod
-    def check_arguments(cls, **values) -> None:
-        """Check constructor arguments by the same rules that the config is checked with before any work."""
+    def check_arguments(cls, arguments: dict) -> None:
+        """Check a constructor's arguments (its ``locals()``) that have a rule, by the same rules that the
+        config is checked with before any work: a method built in Python fails as the command would."""
         rules = cls.method_settings()
-        for key, value in values.items():
-            check(f"method.{key}", value, rules[key])
+        for key, value in arguments.items():
+            if key in rules:
+                check(f"method.{key}", value, rules[key])
 
     @classmethod
     def check_config(cls, method: DictConfig) -> None:
@@ -102,9 +115,9 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Samples from noise ``z`` (and labels) with the weights the method is evaluated with."""
 
-    def planned_kimg(self, duration_kimg: float) -> float | None:
+    def planned_kimg(self) -> float | None:
         """The generator kimg the run will train for (None when its stages are budgeted in steps)."""
-        return duration_kimg
+        return self.duration_kimg
 
     @property
     @abc.abstractmethod

@@ -1,26 +1,10 @@
-"""Checks of a method's constructor arguments that its configuration cannot express alone: each raises a
-:class:`~distillbench.errors.ConfigError` naming the key and what it must be."""
+"""Checks of a method's starting network that no setting's rule can express (they need the built networks):
+each raises a :class:`~distillbench.errors.ConfigError` naming what to change."""
 
 from __future__ import annotations
 
 from distillbench.errors import ConfigError
 from distillbench.teachers.denoiser import Denoiser
-
-
-def check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name}={value} must be > 0")
-
-
-def choice(key: str, value: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
-    return value
-
-
-def check_grad_clip(grad_clip: float | None) -> None:
-    if grad_clip is not None and not grad_clip > 0:
-        raise ConfigError(f"method.grad_clip={grad_clip} must be > 0, or null for no clipping")
 
 
 def check_same_shape(student: Denoiser, teacher: Denoiser) -> None:

@@ -36,7 +36,6 @@ from torch import nn
 from distillbench.data.trajectories import read_manifest
 from distillbench.errors import ConfigError
 from distillbench.methods.base import evaluating
-from distillbench.methods.checks import check_grad_clip
 from distillbench.methods.staged import StagedDistillation
 from distillbench.rules import (
     OPTIONAL_POSITIVE,
@@ -72,13 +71,6 @@ def cosine_lr(lr: float, eta_min: float, step: int, total: int) -> float:
 
 
 # ---- configuration checks ----------------------------------------------------------------------------------
-def check_int(key: str, value, low: int, high: float = math.inf, fix: str = "") -> int:
-    if not (isinstance(value, int) and low <= value <= high):
-        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ConfigError(f"{key}={value!r} must be an integer {bounds}{'; ' + fix if fix else ''}")
-    return value
-
-
 def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...], num_classes: int) -> None:
     """The NAFNet's channels and classes match the teacher's, and H, W divide by its down-sampling."""
     if len(shape) != 3:
@@ -101,25 +93,19 @@ def check_net_fits(key: str, net: nn.Module, shape: tuple[int, ...], num_classes
         )
 
 
-def stage_budgets(iterations: int, refiner: nn.Module | None, refine_iterations: int) -> list[int]:
-    """The iterations of stage one and, with a refiner, of stage two."""
-    check_int("method.iterations", iterations, 1)
-    check_int("method.refine_iterations", refine_iterations, 0)
+def check_together(
+    steps: int, k: int, lr: float, eta_min: float, refiner: str | None, refine_iterations: int
+):
+    """The keys that bound each other: 1 <= k <= steps - 1, 0 <= eta_min < lr, and a refiner (its name, or
+    None) exactly when stage two has iterations."""
+    check("method.k", k, integer(ge=1, le=steps - 1), "1 <= k <= method.steps - 1")
+    check("method.eta_min", eta_min, number(ge=0, lt=lr), "0 <= eta_min < method.lr")
     if (refiner is None) != (refine_iterations == 0):
         raise ConfigError(
-            f"method.refine_iterations={refine_iterations} with method.refiner="
-            f"{'null' if refiner is None else type(refiner).__name__}: stage two needs both, a refiner "
-            "net and its iterations; set both, or method.refiner=null and method.refine_iterations=0"
+            f"method.refine_iterations={refine_iterations} with method.refiner={refiner or 'null'}: stage "
+            "two needs both a refiner net and its iterations; set both, or method.refiner=null and "
+            "method.refine_iterations=0"
         )
-    return [iterations] + ([refine_iterations] if refiner is not None else [])
-
-
-def check_optimisation(l1_fraction: float, lr: float, eta_min: float, grad_clip: float | None) -> None:
-    if not 0 <= l1_fraction <= 1:
-        raise ConfigError(f"method.l1_fraction={l1_fraction} must lie in [0, 1] (the paper: 5/6)")
-    if not lr > 0 or not 0 <= eta_min < lr:
-        raise ConfigError(f"method.lr={lr} and method.eta_min={eta_min} need 0 <= eta_min < lr")
-    check_grad_clip(grad_clip)
 
 
 class DirectDistillation(StagedDistillation):
@@ -143,16 +129,9 @@ class DirectDistillation(StagedDistillation):
 
     @classmethod
     def check_config(cls, method: DictConfig) -> None:
-        """1 <= k <= steps - 1, 0 <= eta_min < lr, and a refiner exactly when stage two has iterations."""
-        check("method.k", method.k, integer(ge=1, le=method.steps - 1), "1 <= k <= method.steps - 1")
-        check("method.eta_min", method.eta_min, number(ge=0, lt=method.lr), "0 <= eta_min < method.lr")
-        if (method.get("refiner") is None) != (method.refine_iterations == 0):
-            refiner = "null" if method.get("refiner") is None else method.refiner.get("_target_", "<a net>")
-            raise ConfigError(
-                f"method.refine_iterations={method.refine_iterations} with method.refiner="
-                f"{refiner.rsplit('.', 1)[-1]}: stage two needs both a refiner net and its iterations; set "
-                "both, or method.refiner=null and method.refine_iterations=0"
-            )
+        refiner = method.get("refiner")
+        refiner = None if refiner is None else str(refiner.get("_target_", "<a net>")).rsplit(".", 1)[-1]
+        check_together(method.steps, method.k, method.lr, method.eta_min, refiner, method.refine_iterations)
 
     def __init__(
         self,
@@ -173,18 +152,19 @@ class DirectDistillation(StagedDistillation):
         grad_clip: float | None = None,
         preconditioning: bool = False,
         trajectories: str | Path | None = None,
+        batch_size: int = 64,
+        duration_kimg: float | None = None,
     ):
-        super().__init__(teacher)
+        self.check_arguments(locals())
+        check_together(steps, k, lr, eta_min, None if refiner is None else type(refiner).__name__,
+                       refine_iterations)  # fmt: skip
+        super().__init__(teacher, batch_size=batch_size, duration_kimg=duration_kimg)
         if student is not None:
             raise ConfigError(
                 "direct distillation trains method.net (a NAFNet), not a student=; drop student="
             )
-        check_int("method.steps", steps, 2, fix="the N-step trajectory needs a middle")
-        self.k = check_int(
-            "method.k", k, 1, steps - 1, fix="the teacher takes k of the N steps, 1 ≤ k ≤ N − 1"
-        )
-        self.budgets = stage_budgets(iterations, refiner, refine_iterations)
-        check_optimisation(l1_fraction, lr, eta_min, grad_clip)
+        self.k = k
+        self.set_budgets("steps", [iterations] + ([refine_iterations] if refiner is not None else []))
         check_net_fits("method.net", net, self.sample_shape, self.num_classes)
         if refiner is not None:
             check_net_fits("method.refiner", refiner, self.sample_shape, self.num_classes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distillbench.errors import ConfigError
@@ -142,23 +142,15 @@ class GuidedDistillation(ProgressiveDistillation):
                 "method=guided needs a class-conditional teacher (num_classes > 0); use method=progressive "
                 "for an unconditional one"
             )
-        if not 0 <= w_min <= w <= w_max:
-            raise ConfigError(
-                f"method.w={w}, method.w_min={w_min}, method.w_max={w_max}: need 0 <= w_min <= w <= w_max "
-                "(stage two distils the guidance weight w that stage one trained on)"
-            )
-        if guidance_lr is not None and not guidance_lr > 0:
-            raise ConfigError(f"method.guidance_lr={guidance_lr} must be > 0, or null for method.lr")
+        self.check_arguments(locals())
         unit, budget = stage_budgets(guidance_kimg, guidance_steps, 1, prefix="method.guidance")
         init = student if student is not None else teacher
+        duration_kimg = kwargs.pop("duration_kimg", None)  # scales every stage, the guidance stage too
         super().__init__(teacher, GuidedStudent(init, w), **kwargs)
-        if unit != self.budget_unit:
-            raise ConfigError(
-                f"the guidance budget is in {unit} but the stage budgets in {self.budget_unit}; "
-                "give method.guidance_* and method.stage_* in the same unit"
-            )
+        self.check_config(OmegaConf.create(dict(self.hparams)))  # the checks that tie the keys together
         self.stage_steps_list.insert(0, 2 * self.n_start)  # stage 0's model samples on the finest grid
-        self.budgets.insert(0, budget[0])
+        self.duration_kimg = duration_kimg
+        self.set_budgets(unit, [budget[0], *self.budgets])
         self.lrs.insert(0, float(guidance_lr) if guidance_lr is not None else self.lrs[0])
 
     def setup(self, stage: str) -> None:

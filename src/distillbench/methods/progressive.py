@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from distillbench.errors import ConfigError
 from distillbench.methods.base import evaluating
-from distillbench.methods.checks import check_grad_clip, choice, starting_network
+from distillbench.methods.checks import starting_network
 from distillbench.methods.staged import StagedDistillation
 from distillbench.rules import (
     OPTIONAL_POSITIVE,
@@ -100,14 +100,6 @@ def nested_schedule(
 
 
 # ---- configuration checks ----------------------------------------------------------------------------------
-def check_power_of_two(key: str, value: int) -> int:
-    if not (isinstance(value, int) and value >= 1 and value & (value - 1) == 0):
-        raise ConfigError(
-            f"{key}={value!r} must be a power of two (1, 2, 4, …, 64, …) so that it halves down to 1 step"
-        )
-    return value
-
-
 def per_stage(key: str, value, stages: int, fix: str) -> list[float]:
     """A positive value per stage from one number (every stage) or a list of one per stage."""
     is_list = isinstance(value, Sequence) and not isinstance(value, str)
@@ -171,17 +163,18 @@ class ProgressiveDistillation(StagedDistillation):
         grad_clip: float | None = 1.0,
         weighting: str = "snr_trunc",
         schedule: Callable[..., torch.Tensor] = karras,
+        batch_size: int = 64,
+        duration_kimg: float | None = None,
         seed: int = 0,
     ):
-        super().__init__(teacher, seed)
-        self.n_start = check_power_of_two("method.n_start", n_start)
+        self.check_arguments(locals())
+        super().__init__(teacher, seed, batch_size, duration_kimg)
+        self.n_start = n_start
         self.stage_steps_list = [n_start >> k for k in range(n_start.bit_length())]  # n_start, …, 2, 1
         stages = len(self.stage_steps_list)
-        self.budget_unit, self.budgets = stage_budgets(stage_kimg, stage_steps, stages)
+        self.set_budgets(*stage_budgets(stage_kimg, stage_steps, stages))
         self.lrs = per_stage("method.lr", lr, stages, "give every stage a positive learning rate")
-        self.lr_schedule = choice("method.lr_schedule", lr_schedule, LR_SCHEDULES)
-        self.weighting = choice("method.weighting", weighting, WEIGHTINGS)
-        check_grad_clip(grad_clip)
+        self.lr_schedule, self.weighting = lr_schedule, weighting
         self.save_hyperparameters(ignore=["teacher", "student", "schedule"])
         init = starting_network(teacher, student)
         self.student = copy.deepcopy(init).requires_grad_(True).train()
@@ -206,11 +199,6 @@ class ProgressiveDistillation(StagedDistillation):
     def nfe(self) -> int:
         """NFE of :meth:`sample`: the student's step count at the current stage (one evaluation a step)."""
         return self.steps
-
-    @property
-    def total_kimg(self) -> float | None:
-        """The whole run's length in kimg (None when the budgets are in steps)."""
-        return sum(self.budgets) if self.budget_unit == "kimg" else None
 
     def stage_anatomy(self, stage: int) -> list[tuple[torch.nn.Module, int, int]]:
         """Per sample: the stage's teacher takes two steps (2 forwards), the student trains (1 and 1)."""

@@ -28,9 +28,9 @@ import math
 import torch
 
 from distillbench.data.base import per_device_batch
-from distillbench.errors import ConfigError
 from distillbench.methods.base import DistillationMethod, adam, evaluating
-from distillbench.methods.checks import check_positive, starting_network
+from distillbench.methods.checks import starting_network
+from distillbench.rules import OPTIONAL_POSITIVE, POSITIVE, betas, integer, number, optional
 from distillbench.samplers.schedules import sigma_p_edm, sigma_p_sim
 from distillbench.teachers.denoiser import Denoiser, as_sigma_batch, freeze
 from distillbench.teachers.training import edm_loss
@@ -50,30 +50,33 @@ class ScoreDistillation(DistillationMethod):
     #: whether the θ-step backpropagates through D_φ and D_ψ (SiD, SIM) or holds them constant (DI)
     scores_in_graph: bool = True
 
+    settings = {"sigma_init": POSITIVE, "lr": POSITIVE, "fake_lr": OPTIONAL_POSITIVE, "betas": betas,
+                "eps": POSITIVE, "fake_updates": integer(ge=1), "ema_halflife_kimg": number(ge=0),
+                "ema_rampup_ratio": optional(number(ge=0)), "loss_scaling": POSITIVE,
+                "loss_scaling_g": POSITIVE, "t_max": number(gt=0, le=1),
+                "duration_kimg": POSITIVE}  # fmt: skip
+
     def __init__(
         self,
         teacher: Denoiser,
         student: Denoiser | None = None,
         sigma_init: float = 2.5,
-        lr: float = 1e-5,
+        lr: float = 1e-4,
         fake_lr: float | None = None,
         betas: tuple[float, float] = (0.0, 0.999),
         eps: float = 1e-8,
         batch_size: int = 64,
+        duration_kimg: float = 12.0,
         fake_updates: int = 1,
-        ema_halflife_kimg: float = 20.0,
+        ema_halflife_kimg: float = 2.0,
         ema_rampup_ratio: float | None = 0.05,
         loss_scaling: float = 1.0,
         loss_scaling_g: float = 1.0,
         t_max: float = 0.8,
         seed: int = 0,
     ):
-        super().__init__(teacher, seed)
-        check_positive("method.sigma_init", sigma_init)
-        check_positive("optim.lr", lr)
-        check_positive("optim.fake_lr", fake_lr if fake_lr is not None else lr)
-        if fake_updates < 1:
-            raise ConfigError(f"method.fake_updates={fake_updates} must be >= 1")
+        self.check_arguments(locals())
+        super().__init__(teacher, seed, batch_size, duration_kimg)
         self.save_hyperparameters(ignore=["teacher", "student"])
         init = starting_network(teacher, student)
         self.generator = copy.deepcopy(init).requires_grad_(True).train()
@@ -81,13 +84,9 @@ class ScoreDistillation(DistillationMethod):
         self.ema = freeze(copy.deepcopy(self.generator))
 
     # ----------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        per_device_batch(self.hparams.batch_size, self.trainer.world_size, key="method.batch_size")
-
     @property
     def batch_per_device(self) -> int:
-        return per_device_batch(self.hparams.batch_size, self.rank_and_world()[1], key="method.batch_size")
+        return per_device_batch(self.batch_size, self.rank_and_world()[1], key="method.batch_size")
 
     def stream_for(self, phase: str, index: int = 0) -> torch.Generator:
         """The random stream of a phase (ψ-update ``index`` or the θ-update) of this generator step, the same
@@ -175,13 +174,14 @@ class ScoreDistillation(DistillationMethod):
         k, through = self.hparams.fake_updates, int(self.scores_in_graph)
         return [(self.generator, k + 1, 1), (self.fake, k + 1, k + through), (self.teacher, 1, through)]
 
-    def fit_budget(self, tfe: float, batch_size: int) -> float:
-        """Whole generator steps that spend at most ``tfe`` (at least one)."""
-        steps = max(1, math.floor(tfe / (batch_size * self.tfe_per_sample())))
-        return steps * batch_size / 1000
+    def fit_budget(self, tfe: float) -> float:
+        """Train for the whole generator steps that spend at most ``tfe`` (at least one); their kimg."""
+        steps = max(1, math.floor(tfe / (self.batch_size * self.tfe_per_sample())))
+        self.duration_kimg = steps * self.batch_size / 1000
+        return self.duration_kimg
 
     def after_generator_step(self) -> None:
-        batch = self.hparams.batch_size
+        batch = self.batch_size
         self.spend(batch)
         self.advance_count("gen_steps", 1)
         self.advance_count("nimg", batch)

@@ -26,7 +26,7 @@ class SiD(ScoreDistillation):
     settings = {"alpha": number(ge=0, le=2)}
 
     def __init__(self, *args, alpha: float = 1.2, **kwargs):
-        self.check_arguments(alpha=alpha)
+        self.check_arguments(locals())
         super().__init__(*args, **kwargs)
         self.alpha = float(alpha)
 

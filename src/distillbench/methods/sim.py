@@ -41,8 +41,7 @@ class SIM(ScoreDistillation):
         detach_normaliser: bool = False,
         **kwargs,
     ):
-        self.check_arguments(distance=distance, c=c, weighting=weighting, time_law=time_law,
-                             detach_normaliser=detach_normaliser)  # fmt: skip
+        self.check_arguments(locals())
         self.distance, self.weighting, self.time_law = distance, weighting, time_law
         super().__init__(*args, **kwargs)
         self.c = c if c is not None else 0.00054 * math.sqrt(math.prod(self.sample_shape))

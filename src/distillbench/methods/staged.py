@@ -15,8 +15,9 @@ from distillbench.teachers.denoiser import Denoiser
 class StagedDistillation(DistillationMethod):
     """A method trained in stages, each with its own budget (progressive halving; direct's two networks).
 
-    A subclass sets :attr:`budgets` (one per stage, in ``budget_unit``: ``steps`` or ``kimg``) and
-    :attr:`nfe` (its sampler's NFE at the current stage). A spent budget appends (``stage``, ``steps``,
+    A subclass sets its stages' budgets with :meth:`set_budgets` (one per stage, in ``steps`` or ``kimg``;
+    with ``duration_kimg`` they are scaled together to it) and :attr:`nfe` (its sampler's NFE at the current
+    stage). A spent budget appends (``stage``, ``steps``,
     ``kimg``, ``gen_step``) to :attr:`finished_stages` for :class:`~distillbench.callbacks.StageEvaluation`,
     then :meth:`start_next_stage` runs, or after the last stage the trainer stops.
     """
@@ -24,15 +25,24 @@ class StagedDistillation(DistillationMethod):
     budget_unit: str = "steps"
     staged = True
 
-    def __init__(self, teacher: Denoiser, seed: int = 0):
-        super().__init__(teacher, seed)
+    def __init__(
+        self, teacher: Denoiser, seed: int = 0, batch_size: int = 64, duration_kimg: float | None = None
+    ):
+        super().__init__(teacher, seed, batch_size, duration_kimg)
         self.budgets: list[float] = []
         for name in ("stage", "stage_step"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self.register_buffer("stage_nimg", torch.zeros((), dtype=torch.float64))
 
-    def planned_kimg(self, duration_kimg: float) -> float | None:
-        return sum(self.budgets) if self.budget_unit == "kimg" else None
+    def set_budgets(self, unit: str, budgets: list[float]) -> None:
+        """The stages' budgets in ``unit`` (``steps`` or ``kimg``), scaled together to ``duration_kimg`` when
+        it is set (in whole steps of every stage, at least one)."""
+        self.budget_unit, self.budgets = unit, list(budgets)
+        if self.duration_kimg is not None:
+            self.scale_budgets(lambda stage: 1.0, self.duration_kimg * 1000)
+
+    def planned_kimg(self) -> float:
+        return sum(self.budgets) if self.budget_unit == "kimg" else sum(self.budgets) * self.batch_size / 1000
 
     @property
     def done(self) -> bool:
@@ -81,15 +91,19 @@ class StagedDistillation(DistillationMethod):
     def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
         return self.stage_anatomy(self.current_stage)
 
-    def fit_budget(self, tfe: float, batch_size: int) -> float:
-        """Scale every stage's budget by one factor, so that the stages together spend ``tfe`` (at most)."""
-        samples_per_unit = 1000 if self.budget_unit == "kimg" else batch_size
-        costs = [self.cost_of(self.stage_anatomy(stage)) for stage in range(len(self.budgets))]
-        planned = sum(b * samples_per_unit * c for b, c in zip(self.budgets, costs, strict=True))
-        # whole steps per stage, so that the stages spend at most tfe
-        steps = [max(1, math.floor(b * tfe / planned * samples_per_unit / batch_size)) for b in self.budgets]
-        self.budgets = steps if self.budget_unit == "steps" else [n * batch_size / 1000 for n in steps]
-        return sum(steps) * batch_size / 1000
+    def scale_budgets(self, cost, total: float) -> float:
+        """Scale every stage's budget by one factor so that the stages together spend at most ``total``, a
+        stage's training sample costing ``cost(stage)``, in whole steps (at least one a stage); their kimg."""
+        batch = self.batch_size
+        samples_per_unit = 1000 if self.budget_unit == "kimg" else batch
+        planned = sum(b * samples_per_unit * cost(stage) for stage, b in enumerate(self.budgets))
+        steps = [max(1, math.floor(b * total / planned * samples_per_unit / batch)) for b in self.budgets]
+        self.budgets = steps if self.budget_unit == "steps" else [n * batch / 1000 for n in steps]
+        return sum(steps) * batch / 1000
+
+    def fit_budget(self, tfe: float) -> float:
+        """Scale the stages' budgets together so that they spend ``tfe`` (at most)."""
+        return self.scale_budgets(lambda stage: self.cost_of(self.stage_anatomy(stage)), tfe)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finished_stages"] = self.finished_stages

@@ -327,6 +327,7 @@ class MetricSuite:
         if key not in self._log_density:  # of the exact reference samples, once
             self._log_density[key] = ground_truth.mean_log_density(mixture, self.real(datamodule))
         return ground_truth.mean_log_density(mixture, fake) - self._log_density[key]
+
     def data_side(self) -> set[str]:
         """The metrics that compare with the data's own real samples (FID only without ``reference``)."""
         return FEATURE_KINDS & set(self.metrics) - {"is"} - ({"fid"} if self.reference else set())
