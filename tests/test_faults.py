@@ -28,7 +28,7 @@ from distillbench.utils.checkpoints import (
     step_checkpoints,
     write_checkpoint,
 )
-from distillbench.utils.runs import RUN_MARKER, claim_run_folder, disk_full_in, out_of_space_message
+from distillbench.utils.command import RUN_MARKER, claim_run_folder, disk_full_in, out_of_space_message
 from tests.helpers import run_cli, run_folder, run_in_process
 from tests.test_resume import poison_teacher, toy_run
 

@@ -231,4 +231,4 @@ def test_data_choice_composes_its_teacher_student_metrics_and_net(name):
     cfg = compose("train", [f"data={name}"])
     assert cfg.teacher._target_.endswith("gmm_teacher") and cfg.teacher.path.endswith(name)
     assert cfg.student.path.endswith(name.removeprefix("gmm_")) and cfg.metrics.dataset == name
-    assert compose("teacher", [f"data={name}"]).net._target_.endswith("UNetBackbone")
+    assert compose("train_teacher", [f"data={name}"]).net._target_.endswith("UNetBackbone")

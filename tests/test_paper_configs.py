@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distillbench.nets import UNetBackbone
-from distillbench.teachers.checkpoint import save_teacher
+from distillbench.teachers.checkpoint import save_denoiser
 from distillbench.teachers.denoiser import EDMDenoiser
 from tests.helpers import compose, run_cli, run_folder
 from tests.test_data import write_cifar_batches
@@ -26,14 +26,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "paper"
 
 
 def tiny_teacher(folder: Path, num_classes: int) -> Path:
-    """A random EDM teacher for 3×32×32 images, saved as `python -m distillbench.teacher` saves one."""
+    """A random EDM teacher for 3×32×32 images, saved as `python -m distillbench.train_teacher` saves one."""
     net = {"_target_": "distillbench.nets.UNetBackbone", "sample_size": 32, "in_channels": 3,
            "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
            "num_classes": num_classes}  # fmt: skip
     spec = {"_target_": "distillbench.teachers.denoiser.EDMDenoiser", "net": net, "sample_shape": [3, 32, 32],
             "sigma_data": 0.5, "num_classes": num_classes}  # fmt: skip
     kwargs = {k: v for k, v in net.items() if k != "_target_"}
-    save_teacher(EDMDenoiser(UNetBackbone(**kwargs), (3, 32, 32), num_classes=num_classes), spec, folder)
+    save_denoiser(EDMDenoiser(UNetBackbone(**kwargs), (3, 32, 32), num_classes=num_classes), spec, folder)
     return folder
 
 

@@ -258,11 +258,11 @@ def fit_denoiser(student: EDMDenoiser, steps: int, batch: int = 512, labelled: b
     to copy, so the student starts from this denoiser (as tests/test_convergence.py does)."""
     mixture = toy_data().mixture
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        x0, component = mixture.sample(batch, generator=generator)
+        x0, component = mixture.sample(batch, rng=rng)
         labels = drop_labels(component, 4, 0.1) if labelled else None  # the null token, as teachers learn it
-        loss = edm_loss(student, x0, labels, generator=generator).mean()
+        loss = edm_loss(student, x0, labels, rng=rng).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

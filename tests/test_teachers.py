@@ -12,7 +12,7 @@ from distillbench.data.digits import DigitsDataModule
 from distillbench.errors import ConfigError
 from distillbench.nets import MLPBackbone, UNetBackbone
 from distillbench.teachers.analytic import AnalyticMixtureDenoiser, GaussianMixture, analytic_teacher
-from distillbench.teachers.checkpoint import load_teacher, save_teacher
+from distillbench.teachers.checkpoint import load_denoiser, save_denoiser
 from distillbench.teachers.denoiser import EDMDenoiser, edm_coefficients
 from distillbench.teachers.training import TeacherTraining, edm_loss
 from distillbench.utils.ema import ema_beta, update_ema
@@ -104,8 +104,8 @@ def test_checkpoint_round_trip_and_shape_check(tmp_path):
 
     spec = tiny_unet_spec()
     denoiser = hydra.utils.instantiate(spec)
-    save_teacher(denoiser, spec, tmp_path / "t", info={"data": "digits"})
-    loaded = load_teacher(tmp_path / "t", datamodule=DigitsDataModule())
+    save_denoiser(denoiser, spec, tmp_path / "t", info={"data": "digits"})
+    loaded = load_denoiser(tmp_path / "t", datamodule=DigitsDataModule())
     x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 0.5), torch.arange(4)
     torch.testing.assert_close(loaded(x, sigma, labels), denoiser.eval()(x, sigma, labels))
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -115,12 +115,12 @@ def test_checkpoint_round_trip_and_shape_check(tmp_path):
         name, sample_shape, num_classes = "mnist", (1, 32, 32), 10
 
     with pytest.raises(ConfigError, match=r"\(1, 8, 8\).*\(1, 32, 32\)"):
-        load_teacher(tmp_path / "t", datamodule=Mnist32())
+        load_denoiser(tmp_path / "t", datamodule=Mnist32())
 
 
 def test_missing_checkpoint_names_what_it_expected(tmp_path):
     with pytest.raises(ConfigError, match="teacher.yaml and model.safetensors"):
-        load_teacher(tmp_path)
+        load_denoiser(tmp_path)
 
 
 def test_ema_beta_follows_edm_rampup():

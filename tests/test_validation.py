@@ -13,7 +13,7 @@ from distillbench.errors import ConfigError
 from distillbench.methods import SiD
 from distillbench.rules import number
 from distillbench.teachers.checkpoint import check_teacher_fits
-from distillbench.utils.runs import check_writable
+from distillbench.utils.command import check_writable
 from distillbench.validation import validate_train_config
 from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli
 

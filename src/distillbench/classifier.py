@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from distillbench.config import CONFIG_DIR
 from distillbench.metrics.classifier_training import save_classifier, train_classifier
-from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
+from distillbench.utils.command import cli, output_dir, task, write_config, write_summary
 
 
 @cli

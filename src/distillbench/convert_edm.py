@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from distillbench.errors import ConfigError
 from distillbench.nets.songunet import SongUNet
-from distillbench.teachers.checkpoint import SPEC, WEIGHTS, count_parameters, load_teacher, save_teacher
+from distillbench.teachers.checkpoint import SPEC, WEIGHTS, count_parameters, load_denoiser, save_denoiser
 from distillbench.teachers.denoiser import EDMDenoiser
 from distillbench.utils.io import atomic_write_text, file_digest
 
@@ -169,10 +169,10 @@ def convert(precond) -> tuple[EDMDenoiser, dict]:
 @torch.no_grad()
 def max_difference(precond, teacher, sigmas=CHECK_SIGMAS, seed: int = 0) -> float:
     """max |D_teacher − D_pickle| over one noisy input per σ (labels 0, 1, … for a conditional network)."""
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     sigma = torch.tensor(sigmas, dtype=torch.float32)
     shape = (len(sigmas), *teacher.sample_shape)
-    noise = torch.randn((2, *shape), generator=generator)
+    noise = torch.randn((2, *shape), generator=rng)
     x = 0.5 * noise[0] + sigma.reshape(-1, 1, 1, 1) * noise[1]
     labels = torch.arange(len(sigmas)) % teacher.num_classes if teacher.num_classes else None
     onehot = torch.nn.functional.one_hot(labels, teacher.num_classes).float() if labels is not None else None
@@ -193,9 +193,9 @@ def run(options: dict[str, str]) -> dict:
         "parameters": count_parameters(denoiser),
         "command": "python -m distillbench.convert_edm " + " ".join(f"{k}={v}" for k, v in options.items()),
     }
-    save_teacher(denoiser, spec, out, info)
+    save_denoiser(denoiser, spec, out, info)
     if options["check"].lower() in ("true", "1", "yes"):
-        difference = max_difference(precond, load_teacher(out))
+        difference = max_difference(precond, load_denoiser(out))
         if not difference <= CHECK_TOLERANCE:
             for name in (WEIGHTS, SPEC):
                 (out / name).unlink(missing_ok=True)

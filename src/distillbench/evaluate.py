@@ -37,9 +37,7 @@ from distillbench.errors import ConfigError
 from distillbench.metrics.suite import PROTOCOL, MetricSuite, format_count, protocol_text
 from distillbench.runs import CHECKPOINT, load_run, locate_run
 from distillbench.samplers.generate import StudentSampler, generate
-from distillbench.utils.images import save_samples_figure
-from distillbench.utils.io import atomic_write_text, atomic_writer
-from distillbench.utils.runs import (
+from distillbench.utils.command import (
     cli,
     hydra_choice,
     output_dir,
@@ -49,6 +47,8 @@ from distillbench.utils.runs import (
     write_config,
     write_summary,
 )
+from distillbench.utils.images import save_samples_figure
+from distillbench.utils.io import atomic_write_text, atomic_writer
 from distillbench.utils.tables import print_summary
 
 COLUMNS = ("time", "model", "method", "data", "extractor", "n", "noise_seed", "nfe",

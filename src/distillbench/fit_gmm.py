@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.teachers.gmm import LowRankGMM
-from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
+from distillbench.utils.command import cli, output_dir, task, write_config, write_summary
 
 
 def cluster_gaussian(points: np.ndarray, rank: int, min_variance: float):

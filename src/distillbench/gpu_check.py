@@ -43,8 +43,8 @@ from distillbench.errors import ConfigError
 from distillbench.methods import SIM, DiffInstruct, SiD
 from distillbench.teachers.checkpoint import count_parameters
 from distillbench.teachers.denoiser import EDMDenoiser
+from distillbench.utils.command import cli, require_at_least_one, task
 from distillbench.utils.io import atomic_write_json, atomic_write_text
-from distillbench.utils.runs import cli, require_at_least_one, task
 from distillbench.utils.trainer import accelerate
 
 METHODS = {"sim": SIM, "sid": SiD, "di": DiffInstruct}

@@ -46,8 +46,8 @@ from distillbench.errors import ConfigError
 from distillbench.evaluate import display_path, save_figure
 from distillbench.metrics.suite import PROTOCOL, protocol_text
 from distillbench.sweeps import EVAL_FILE, metric_column, metric_kind
+from distillbench.utils.command import cli, task
 from distillbench.utils.io import atomic_write_json, atomic_write_text, atomic_writer
-from distillbench.utils.runs import cli, task
 
 #: settings the suite fixes for every cell (fairness); a method's overrides may not set them
 FIXED_KEYS = ("teacher", "metrics", "eval", "budget_tfe", "seed", "hydra")
@@ -183,7 +183,7 @@ def make_trajectories(suite: DictConfig, out_dir: Path, threads) -> None:
     """Direct distillation's pairs, once per suite (the trajectories command skips finished shards)."""
     overrides = [*suite.trajectories, f"out_dir={out_dir / 'trajectories'}",
                  f"hydra.run.dir={out_dir / 'logs' / 'trajectories'}"]  # fmt: skip
-    run_command("distillbench.trajectories", overrides, out_dir / "logs" / "trajectories.log", threads)
+    run_command("distillbench.make_trajectories", overrides, out_dir / "logs" / "trajectories.log", threads)
 
 
 # ---- the table ---------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from distillbench import run_folder
 from distillbench.config import CONFIG_DIR
 from distillbench.metrics.suite import PROTOCOL
 from distillbench.samplers.generate import generate
+from distillbench.utils.command import cli, output_dir, task, write_config, write_summary
 from distillbench.utils.images import save_samples_figure
-from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
 from distillbench.utils.tables import print_summary
 from distillbench.validation import validate_sample_config
 

@@ -42,11 +42,11 @@ from distillbench.samplers.generate import generate
 from distillbench.sweeps import AXES
 from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.utils.checkpoints import AtomicCheckpointIO, checkpoint_files, remove_orphans
+from distillbench.utils.command import check_writable, cli, output_dir, task, write_config, write_summary
 from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_writer
 from distillbench.utils.logging import instantiate_loggers
 from distillbench.utils.plots import plot_curves
-from distillbench.utils.runs import check_writable, cli, output_dir, task, write_config, write_summary
 from distillbench.utils.tables import print_comparison
 from distillbench.validation import validate_train_config
 

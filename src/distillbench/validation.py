@@ -33,7 +33,7 @@ from distillbench.rules import (
     one_of,
     optional,
 )
-from distillbench.utils.runs import exit_on_config_error
+from distillbench.utils.command import exit_on_config_error
 
 # ---- the table ---------------------------------------------------------------------------------------------
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")

@@ -21,13 +21,14 @@ __all__ = [
     "DataPosition",
     "ResumableBatches",
     "TensorDataModule",
-    "keyed_generator",
+    "keyed_stream",
     "per_device_batch",
 ]
 
 
-def keyed_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a hash of ``key`` (a seed and stream numbers), e.g. (seed, pass, shard)."""
+def keyed_stream(*key: int) -> torch.Generator:
+    """A CPU random stream (``torch.Generator``) seeded by a hash of ``key`` (a seed and stream numbers), e.g.
+    (seed, pass, shard)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
@@ -88,7 +89,7 @@ class ResumableBatches(IterableDataset):
     def order(self, p: int) -> torch.Tensor:
         """The permutation of pass ``p`` (the current pass's is kept)."""
         if self._order[0] != p:
-            self._order = (p, torch.randperm(len(self.dataset), generator=keyed_generator(self.seed, p)))
+            self._order = (p, torch.randperm(len(self.dataset), generator=keyed_stream(self.seed, p)))
         return self._order[1]
 
     def rows(self, b: int) -> torch.Tensor:

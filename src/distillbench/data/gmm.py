@@ -17,7 +17,7 @@ from distillbench.config import ASSETS_DIR
 from distillbench.data.base import (
     ConfigError,
     DataPosition,
-    keyed_generator,
+    keyed_stream,
     per_device_batch,
     split_among_workers,
 )
@@ -36,7 +36,7 @@ class MixtureDraws:
 
     def block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._block[0] != b:
-            x, labels, _ = self.mixture.sample(BLOCK, keyed_generator(self.stream, self.seed, b))
+            x, labels, _ = self.mixture.sample(BLOCK, keyed_stream(self.stream, self.seed, b))
             self._block = (b, (x.float().cpu(), labels.cpu()))
         return self._block[1]
 

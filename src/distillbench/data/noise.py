@@ -16,7 +16,7 @@ from distillbench.data.base import (
     ConfigError,
     DataPosition,
     TensorDataModule,
-    keyed_generator,
+    keyed_stream,
     per_device_batch,
 )
 
@@ -43,9 +43,7 @@ class LabelStream(IterableDataset):
         if self.probs is None:
             return torch.full((self.batch,), UNCONDITIONAL, dtype=torch.long)
         size = self.world * self.batch
-        labels = torch.multinomial(
-            self.probs, size, replacement=True, generator=keyed_generator(self.seed, b)
-        )
+        labels = torch.multinomial(self.probs, size, replacement=True, generator=keyed_stream(self.seed, b))
         return labels[self.rows]
 
     def __iter__(self):

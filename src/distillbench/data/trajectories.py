@@ -1,4 +1,5 @@
-"""The training pairs of Direct Distillation, read from the shards of ``python -m distillbench.trajectories``.
+"""The training pairs of Direct Distillation, read from the shards that
+``python -m distillbench.make_trajectories`` writes.
 
 A training batch is ``(x_k, σ_k, k, x_N, label)``: the solver state after k of N steps, its noise level and
 step index, the trajectory's final output and its label (−1 when unlabelled). A trajectory stored at J step
@@ -23,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from distillbench.data.base import TensorDataModule, keyed_generator, split_among_workers
+from distillbench.data.base import TensorDataModule, keyed_stream, split_among_workers
 from distillbench.errors import ConfigError
 
 MANIFEST = "manifest.json"
 UNLABELLED = -1
-RERUN = "python -m distillbench.trajectories"
+RERUN = "python -m distillbench.make_trajectories"
 
 
 def read_manifest(root: Path) -> dict:
@@ -119,12 +120,12 @@ class ShardStream(IterableDataset):
     def pairs(self):
         index, count = self.consumer()
         for epoch in itertools.count():
-            order = torch.randperm(len(self.shards), generator=keyed_generator(self.seed, epoch))
+            order = torch.randperm(len(self.shards), generator=keyed_stream(self.seed, epoch))
             for position in order[index::count].tolist():
                 pairs = PairDataset(self.data.read_shard(self.shards[position]), self.data.indices,
                                     self.data.manifest["sigmas"])  # fmt: skip
                 for i in torch.randperm(
-                    len(pairs), generator=keyed_generator(self.seed, epoch, position)
+                    len(pairs), generator=keyed_stream(self.seed, epoch, position)
                 ).tolist():
                     yield pairs[i]
 

@@ -1,8 +1,8 @@
 """Direct Distillation (Li & Zhang, §3.2, §3.4, §4.2; docs/algorithms.md §7) of an EDM teacher's trajectory.
 
 The teacher's DPM-Solver++(2M) run over an N-step schedule passes the state x_k (at σ_k) after k steps and
-ends at x_N (``python -m distillbench.trajectories`` stores the pairs). A time-embedded NAFNet S_θ maps x_k
-straight to x_N, read through EDM's preconditioning with the teacher's σ_data (t = c_noise = ln(σ_k)/4):
+ends at x_N (``python -m distillbench.make_trajectories`` stores the pairs). A time-embedded NAFNet S_θ maps
+x_k straight to x_N, read through EDM's preconditioning with the teacher's σ_data (t = c_noise = ln(σ_k)/4):
 
     x̂_N = c_skip(σ_k)·x_k + c_out(σ_k)·S_θ(c_in(σ_k)·x_k, t, y)
     stage one   min_θ E d(x̂_N, x_N),   d = L1 for the first 5/6 of its iterations, then L2 (§3.4)
@@ -47,9 +47,9 @@ from distillbench.rules import (
     integer,
     number,
 )
+from distillbench.samplers.partial import first_steps
 from distillbench.samplers.schedules import karras
 from distillbench.samplers.solvers import DPMSolverPP2MSampler, SampleResult
-from distillbench.samplers.trajectory import first_steps
 from distillbench.teachers.denoiser import Denoiser, as_sigma_batch, edm_coefficients
 
 

@@ -162,18 +162,18 @@ class GuidedDistillation(ProgressiveDistillation):
                 f"method=guided needs labelled data, data={name} has none; use the teacher's labelled data"
             )
 
-    def distillation_loss(self, x0: torch.Tensor, labels, generator: torch.Generator) -> torch.Tensor:
+    def distillation_loss(self, x0: torch.Tensor, labels, rng: torch.Generator) -> torch.Tensor:
         if self.current_stage > 0:
-            return super().distillation_loss(x0, labels, generator)
-        return self.guidance_loss(x0, labels, generator)
+            return super().distillation_loss(x0, labels, rng)
+        return self.guidance_loss(x0, labels, rng)
 
-    def guidance_loss(self, x0: torch.Tensor, labels, generator: torch.Generator) -> torch.Tensor:
+    def guidance_loss(self, x0: torch.Tensor, labels, rng: torch.Generator) -> torch.Tensor:
         """Per-sample w(σ)·mean‖D_η(x_σ; σ, c, w) − x̂^w‖², σ on the finest grid, w ~ U[w_min, w_max]."""
         h = self.hparams
         grid = self.schedule(2 * self.n_start)[:-1].to(self.device)
-        sigma = grid[torch.randint(len(grid), (x0.shape[0],), generator=generator, device=self.device)]
-        w = h.w_min + (h.w_max - h.w_min) * torch.rand(x0.shape[0], generator=generator, device=self.device)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        sigma = grid[torch.randint(len(grid), (x0.shape[0],), generator=rng, device=self.device)]
+        w = h.w_min + (h.w_max - h.w_min) * torch.rand(x0.shape[0], generator=rng, device=self.device)
+        noise = torch.randn(x0.shape, generator=rng, device=self.device)
         x = x0 + as_sigma_batch(sigma, x0) * noise
         target = guided_target(self.teacher, x, sigma, labels, w)
         error = (self.synced("student")(x, sigma.float(), labels, w=w) - target) ** 2

@@ -213,12 +213,12 @@ class ProgressiveDistillation(StagedDistillation):
         return EulerSampler(steps=steps or self.steps, schedule=self.schedule)
 
     # ---- loss ----------------------------------------------------------------------------------------------
-    def distillation_loss(self, x0: torch.Tensor, labels, generator: torch.Generator) -> torch.Tensor:
+    def distillation_loss(self, x0: torch.Tensor, labels, rng: torch.Generator) -> torch.Tensor:
         """Per-sample w(σ)·mean‖D_θ(x_σ; σ_i) − x̃‖² at a uniformly drawn student step i."""
         student_grid, teacher_grid = self.grids(self.steps)
-        i = torch.randint(self.steps, (x0.shape[0],), generator=generator, device=self.device)
+        i = torch.randint(self.steps, (x0.shape[0],), generator=rng, device=self.device)
         sigma, sigma_mid, sigma_next = student_grid[i], teacher_grid[2 * i + 1], student_grid[i + 1]
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        noise = torch.randn(x0.shape, generator=rng, device=self.device)
         x = x0 + per_sample(sigma, x0).float() * noise
         x_next = teacher_two_steps(self.teacher, x, sigma, sigma_mid, sigma_next, labels)
         target = student_target(x.double(), x_next, sigma, sigma_next).float()

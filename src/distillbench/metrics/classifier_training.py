@@ -14,11 +14,11 @@ from distillbench.nets.classifier import SmallClassifier
 from distillbench.utils.io import atomic_write_text, atomic_writer
 
 
-def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+def random_shift(x: torch.Tensor, rng: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Shift each image by up to ``max_shift`` pixels in each direction, filling with background (−1)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=rng)
     rows = (dy + torch.arange(h))[:, None, :, None]
     cols = (dx + torch.arange(w))[:, None, None, :]
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]

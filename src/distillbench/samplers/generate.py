@@ -1,7 +1,7 @@
 """Fixed evaluation noise and labels, and batched generation with any sampler.
 
 The noise of global sample index i depends only on (seed, i): it is drawn in fixed chunks of
-``NOISE_CHUNK`` samples, each from its own generator seeded from (seed, chunk index), so batch size, n and
+``NOISE_CHUNK`` samples, each from its own random stream seeded from (seed, chunk index), so batch size, n and
 the rank's offset never change which noise a sample gets.
 """
 
@@ -17,11 +17,11 @@ from distillbench.samplers.solvers import SampleResult
 from distillbench.utils.images import to_image_range
 
 NOISE_CHUNK = 1024
-_LABEL_STREAM = 1 << 32  # spawn key of the label generator, far from any chunk index
+_LABEL_STREAM = 1 << 32  # spawn key of the label stream, far from any chunk index
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    """A CPU generator whose seed is a hash of (seed, stream)."""
+def _stream(seed: int, stream: int) -> torch.Generator:
+    """A CPU random stream whose seed is a hash of (seed, stream)."""
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
@@ -29,7 +29,7 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def _chunk_noise(chunk: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randn(NOISE_CHUNK, *shape, generator=_generator(seed, chunk))
+    return torch.randn(NOISE_CHUNK, *shape, generator=_stream(seed, chunk))
 
 
 def fixed_noise(n: int, shape, seed: int, offset: int = 0) -> torch.Tensor:
@@ -46,7 +46,7 @@ def fixed_noise(n: int, shape, seed: int, offset: int = 0) -> torch.Tensor:
 
 
 def fixed_labels(n: int, probs, seed: int) -> torch.Tensor | None:
-    """n class labels drawn from ``probs`` (normalised) with their own generator; None when probs is None.
+    """n class labels drawn from ``probs`` (normalised) with their own random stream; None when probs is None.
 
     Inverse-CDF sampling of one uniform per sample, so the first k labels do not depend on n.
     """
@@ -56,7 +56,7 @@ def fixed_labels(n: int, probs, seed: int) -> torch.Tensor | None:
     if probs.ndim != 1 or (probs < 0).any() or probs.sum() <= 0:
         raise ValueError(f"label probs must be a non-negative vector with positive sum, got {probs.tolist()}")
     cdf = probs.cumsum(0) / probs.sum()
-    uniforms = torch.rand(n, dtype=torch.float64, generator=_generator(seed, _LABEL_STREAM))
+    uniforms = torch.rand(n, dtype=torch.float64, generator=_stream(seed, _LABEL_STREAM))
     return torch.searchsorted(cdf, uniforms, right=True).clamp_(max=len(probs) - 1)
 
 

@@ -27,10 +27,10 @@ class GaussianMixture:
             raise ValueError(f"mixture stds must be positive, got {self.stds.tolist()}")
         self.weights = w / w.sum()
 
-    def sample(self, n: int, generator: torch.Generator | None = None):
+    def sample(self, n: int, rng: torch.Generator | None = None):
         """``n`` samples and their component index."""
-        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=rng)
+        noise = torch.randn(n, self.dim, generator=rng, dtype=torch.float64)
         x = self.means[comp] + self.stds[comp, None] * noise
         return x.float(), comp
 

@@ -17,7 +17,7 @@ WEIGHTS = "model.safetensors"
 SPEC = "teacher.yaml"
 
 
-def save_teacher(denoiser: Denoiser, spec: DictConfig | dict, folder: str | Path, info: dict | None = None):
+def save_denoiser(denoiser: Denoiser, spec: DictConfig | dict, folder: str | Path, info: dict | None = None):
     """Write the weights and the spec (``denoiser`` config plus ``info``) atomically into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,13 +29,14 @@ def save_teacher(denoiser: Denoiser, spec: DictConfig | dict, folder: str | Path
     atomic_write_text(folder / SPEC, OmegaConf.to_yaml(doc))
 
 
-def load_teacher(path: str | Path, datamodule=None) -> Denoiser:
-    """Rebuild a frozen teacher from a checkpoint folder; check it fits ``datamodule`` when given."""
+def load_denoiser(path: str | Path, datamodule=None) -> Denoiser:
+    """Rebuild a frozen denoiser (a teacher, or a student to start from) from a checkpoint folder; check it
+    fits ``datamodule`` when given."""
     folder = Path(path)
     if not (folder / SPEC).is_file() or not (folder / WEIGHTS).is_file():
         raise ConfigError(
             f"no teacher checkpoint in {folder}: expected {SPEC} and {WEIGHTS}. "
-            "Train one with `python -m distillbench.teacher data=<name>`."
+            "Train one with `python -m distillbench.train_teacher data=<name>`."
         )
     spec = OmegaConf.load(folder / SPEC)
     denoiser = hydra.utils.instantiate(spec.denoiser)

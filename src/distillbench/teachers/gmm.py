@@ -187,16 +187,16 @@ class LowRankGMM(nn.Module):
         second = second + (self.means.T * self.weights) @ self.means
         return second - torch.outer(m, m)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels=None):
+    def sample(self, n: int, rng: torch.Generator | None = None, labels=None):
         """``n`` exact samples (shaped ``sample_shape``), their labels and components, drawn on the CPU from
-        ``generator``: k ~ π (within the label's components when labels are given), then
+        ``rng``: k ~ π (within the label's components when labels are given), then
         x = μ_k + U_k (√λ_k ⊙ a) + s_k b with a, b standard normal."""
         weights = self.weights.cpu()
         allowed = self._allowed(labels, n)
         probs = weights.expand(n, -1) if allowed is None else weights * allowed.cpu()
-        comp = torch.multinomial(probs, 1, generator=generator).squeeze(1) if n else self.classes.cpu()[:0]
-        a = torch.randn(n, self.rank, generator=generator, dtype=torch.float64)
-        b = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        comp = torch.multinomial(probs, 1, generator=rng).squeeze(1) if n else self.classes.cpu()[:0]
+        a = torch.randn(n, self.rank, generator=rng, dtype=torch.float64)
+        b = torch.randn(n, self.dim, generator=rng, dtype=torch.float64)
         comp_, a, b = (t.to(self.means.device) for t in (comp, a, b))
         a, b = a.to(self.means.dtype), b.to(self.means.dtype)
         coef = torch.zeros(n, len(self.means), self.rank, dtype=a.dtype, device=a.device)
@@ -271,8 +271,8 @@ class GMMDenoiser(Denoiser):
     def log_prob(self, x: torch.Tensor, sigma=0.0, labels=None) -> torch.Tensor:
         return self.mixture.log_prob(x, sigma, labels)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels=None):
-        return self.mixture.sample(n, generator, labels)
+    def sample(self, n: int, rng: torch.Generator | None = None, labels=None):
+        return self.mixture.sample(n, rng, labels)
 
     def class_posterior(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         return self.mixture.class_posterior(x, sigma)

@@ -18,12 +18,12 @@ from distillbench.utils.ema import ema_beta, update_ema
 
 
 def edm_loss(
-    denoiser, y: torch.Tensor, labels, p_mean: float = -1.2, p_std: float = 1.2, generator=None, normal=None
+    denoiser, y: torch.Tensor, labels, p_mean: float = -1.2, p_std: float = 1.2, rng=None, normal=None
 ) -> torch.Tensor:
     """Per-sample EDM loss, averaged over elements. σ and n are standard normals from ``normal(shape)`` when
-    given, else drawn from ``generator``."""
+    given, else drawn from ``rng``."""
     if normal is None:
-        normal = lambda shape: torch.randn(shape, device=y.device, generator=generator)  # noqa: E731
+        normal = lambda shape: torch.randn(shape, device=y.device, generator=rng)  # noqa: E731
     shape = (y.shape[0],) + (1,) * (y.ndim - 1)
     sigma = (normal(shape) * p_std + p_mean).exp()
     sd = denoiser.sigma_data

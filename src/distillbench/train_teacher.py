@@ -1,4 +1,5 @@
-"""``python -m distillbench.teacher data=digits``: train an EDM teacher and save it (safetensors + spec)."""
+"""``python -m distillbench.train_teacher data=digits``: train an EDM teacher and save it (safetensors and
+its spec)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillbench.config import CONFIG_DIR
 from distillbench.distributed import slurm_plugins
-from distillbench.teachers.checkpoint import count_parameters, save_teacher
+from distillbench.teachers.checkpoint import count_parameters, save_denoiser
 from distillbench.teachers.denoiser import EDMDenoiser
+from distillbench.utils.command import cli, output_dir, task, write_config, write_summary
 from distillbench.utils.logging import instantiate_loggers
-from distillbench.utils.runs import cli, output_dir, task, write_config, write_summary
 
 
 def denoiser_spec(cfg: DictConfig, datamodule) -> dict:
@@ -45,16 +46,16 @@ def train_teacher(cfg: DictConfig) -> dict:
         "parameters": count_parameters(denoiser),
         "train_seconds": round(time.time() - start, 1),
         "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "command": "python -m distillbench.teacher " + " ".join(sys.argv[1:]),
+        "command": "python -m distillbench.train_teacher " + " ".join(sys.argv[1:]),
     }
-    save_teacher(module.ema, spec, folder, info)
+    save_denoiser(module.ema, spec, folder, info)
     summary = {**info, "teacher_dir": str(folder)}
     write_summary(cfg, summary)
     return summary
 
 
 @cli
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="teacher")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train_teacher")
 @task
 def main(cfg: DictConfig) -> None:
     train_teacher(cfg)

@@ -1,4 +1,4 @@
-"""``python -m distillbench.trajectories teacher=digits``: the training pairs of Direct Distillation.
+"""``python -m distillbench.make_trajectories teacher=digits``: the training pairs of Direct Distillation.
 
 Li & Zhang §4.2: the teacher samples with DPM-Solver++(2M) over an N-step schedule (N = 20; Karras or the
 improved schedule of §3.1); for the chosen step indices k (10, 11, 12) the state x_k after k steps (at σ_k)
@@ -35,11 +35,11 @@ from safetensors.torch import save
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError, MissingPackageError
 from distillbench.samplers.generate import device_of, fixed_labels, fixed_noise
+from distillbench.samplers.partial import trajectory
 from distillbench.samplers.solvers import DPMSolverPP2MSampler
-from distillbench.samplers.trajectory import trajectory
 from distillbench.teachers.denoiser import Denoiser
+from distillbench.utils.command import cli, resolve_device, task, write_config, write_summary
 from distillbench.utils.io import atomic_write_json, atomic_writer
-from distillbench.utils.runs import cli, resolve_device, task, write_config, write_summary
 from distillbench.utils.tables import print_summary
 
 MANIFEST = "manifest.json"
@@ -275,7 +275,7 @@ def write_trajectories(cfg: DictConfig) -> dict:
 
 
 @cli
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="trajectories")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="make_trajectories")
 @task
 def main(cfg: DictConfig) -> None:
     write_trajectories(cfg)
