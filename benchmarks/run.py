@@ -55,7 +55,7 @@ METHODS = {
     "sid": ["method=sid"],
     "di": ["method=di"],
     "progressive": ["method=progressive", "method.n_start=4", "method.stage_kimg=null",
-                    "method.stage_steps=1000000"],
+                    "method.stage_iterations=1000000"],
     "direct": ["method=direct", "data=trajectories", "+data@data.like=digits", "teacher=digits",
                "metrics=digits", "method.steps=20", "method.k=10", "method.iterations=1000000",
                "method.refiner=null", "method.refine_iterations=0"],

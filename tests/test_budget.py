@@ -58,7 +58,7 @@ def test_score_methods_count_the_passes_their_step_makes(name, fake_updates, pas
 def test_progressive_counts_two_teacher_forwards_and_a_student_step_per_sample():
     torch.manual_seed(0)
     teacher = freeze(mlp_denoiser())
-    method = ProgressiveDistillation(teacher, n_start=2, stage_steps=1, lr=1e-3)
+    method = ProgressiveDistillation(teacher, n_start=2, stage_iterations=1, lr=1e-3)
     counters = [SampleCounter(m) for m in (method.student, teacher, method.previous_student)]
     fit(method)  # one step per stage, batch 32: the original teacher, then the previous student teaches
     assert [(c.forward, c.backward) for c in counters] == [(64, 64), (64, 0), (64, 0)]
@@ -83,7 +83,7 @@ def test_staged_budgets_scale_together_to_whole_steps_within_the_budget():
     kimg = method.fit_budget(tfe=40_000)  # 5 per sample: 8 kimg in all, split 1 : 2 : 1
     assert method.budgets == pytest.approx([62 * 0.032, 125 * 0.032, 62 * 0.032])  # whole batches of 32
     assert kimg == pytest.approx(249 * 0.032) and kimg * 1000 * 5 <= 40_000
-    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_steps=[3, 1], lr=1e-3,
+    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_iterations=[3, 1], lr=1e-3,
                                     batch_size=32)  # fmt: skip
     steps.fit_budget(tfe=32 * 5 * 8)
     assert steps.budgets == [6, 2], "step budgets stay whole numbers"
@@ -94,7 +94,7 @@ def test_a_duration_scales_the_stages_together_and_every_command_honours_debug_f
                                      batch_size=32, duration_kimg=0.64)  # fmt: skip
     assert method.budgets == pytest.approx([5 * 0.032, 10 * 0.032, 5 * 0.032])  # 1 : 2 : 1 in whole batches
     assert method.planned_kimg() == pytest.approx(0.64)
-    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_steps=[300, 100], lr=1e-3,
+    steps = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=2, stage_iterations=[300, 100], lr=1e-3,
                                     batch_size=32, duration_kimg=0.128)  # fmt: skip
     assert steps.budgets == [3, 1] and steps.planned_kimg() == pytest.approx(0.128)
     for method in ("sim", "progressive", "direct"):

@@ -43,7 +43,7 @@ def mlp_denoiser(hidden: int = 32, depth: int = 2) -> EDMDenoiser:
 
 def noised(n: int, sigma: torch.Tensor) -> torch.Tensor:
     """Mixture samples noised to σ, in float64."""
-    x0, _ = toy_data().mixture.sample(n, generator=torch.Generator().manual_seed(1))
+    x0, _ = toy_data().mixture.sample(n, rng=torch.Generator().manual_seed(1))
     return x0.double() + sigma.reshape(-1, 1) * torch.randn(n, 2, dtype=torch.float64)
 
 
@@ -55,7 +55,7 @@ def params(module: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("steps", [8, 4, 2, 1])
 def test_a_student_step_to_the_target_lands_where_two_teacher_steps_land(steps):
     teacher = analytic_teacher()
-    method = ProgressiveDistillation(teacher, mlp_denoiser(), n_start=8, stage_steps=1)
+    method = ProgressiveDistillation(teacher, mlp_denoiser(), n_start=8, stage_iterations=1)
     student_grid, teacher_grid = method.grids(steps)
     assert student_grid[-1] == 0 and len(teacher_grid) == 2 * steps + 1
     for i in range(steps):  # i = steps − 1 is the last step, to σ = 0
@@ -87,7 +87,7 @@ class OracleStudent(Denoiser):
 @pytest.mark.parametrize("steps", [4, 1])
 def test_the_oracle_student_sampler_reproduces_the_teacher_at_twice_the_steps(steps):
     teacher = analytic_teacher()
-    method = ProgressiveDistillation(teacher, mlp_denoiser(), n_start=4, stage_steps=1)
+    method = ProgressiveDistillation(teacher, mlp_denoiser(), n_start=4, stage_iterations=1)
     z = torch.randn(512, 2)
     student = method.sampler(steps).sample(OracleStudent(teacher, *method.grids(steps)), z)
     reference = EulerSampler(steps=2 * steps, schedule=method.schedule).sample(teacher, z)
@@ -96,7 +96,7 @@ def test_the_oracle_student_sampler_reproduces_the_teacher_at_twice_the_steps(st
 
 
 def test_grids_nest_so_each_teacher_steps_on_its_own_student_grid():
-    method = ProgressiveDistillation(analytic_teacher(), mlp_denoiser(), n_start=16, stage_steps=1)
+    method = ProgressiveDistillation(analytic_teacher(), mlp_denoiser(), n_start=16, stage_iterations=1)
     torch.testing.assert_close(method.grids(16)[1], karras(32))
     for steps in (8, 4, 2, 1):
         student_grid, teacher_grid = method.grids(steps)
@@ -154,7 +154,7 @@ def test_one_step_per_stage_trains_then_the_student_becomes_the_teacher_and_step
     torch.manual_seed(0)
     teacher = freeze(mlp_denoiser())
     teacher_before = params(teacher)
-    method = ProgressiveDistillation(teacher, n_start=4, stage_steps=1, lr=1e-3)
+    method = ProgressiveDistillation(teacher, n_start=4, stage_iterations=1, lr=1e-3)
     recorder = Recorder()
     trainer = fit(method, [recorder])
     assert trainer.global_step == 3 and method.done, "the method stops the trainer after the last stage"
@@ -170,7 +170,7 @@ def test_one_step_per_stage_trains_then_the_student_becomes_the_teacher_and_step
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=False)["state_dict"]
     assert not any(k.startswith("_teacher") for k in state), "the original teacher stays out of checkpoints"
-    fresh = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=4, stage_steps=1)
+    fresh = ProgressiveDistillation(freeze(mlp_denoiser()), n_start=4, stage_iterations=1)
     fresh.load_state_dict(state)
     assert fresh.done and fresh.steps == 1
     torch.testing.assert_close(params(fresh.teacher), params(method.previous_student))
@@ -195,7 +195,7 @@ class MeanMetric:
 
 
 def test_stage_evaluation_samples_each_stage_at_its_own_step_count():
-    method = ProgressiveDistillation(analytic_teacher(), mlp_denoiser(), n_start=4, stage_steps=1)
+    method = ProgressiveDistillation(analytic_teacher(), mlp_denoiser(), n_start=4, stage_iterations=1)
     calls = []
     method.student.register_forward_hook(lambda *_: calls.append(1))
     evaluation = PeriodicEvaluation(MeanMetric(), toy_data(), every_kimg=1e9, n=10, batch_size=10)
@@ -225,13 +225,19 @@ def test_stage_evaluation_samples_each_stage_at_its_own_step_count():
         ({"n_start": 48}, r"method.n_start=48 must be a power of two"),
         ({"n_start": 0}, r"method.n_start=0 must be a power of two"),
         (
-            {"stage_kimg": 0, "stage_steps": None},
+            {"stage_kimg": 0, "stage_iterations": None},
             r"method.stage_kimg=0 must be a number > 0 or a list of them",
         ),
-        ({"stage_steps": [1, 0, 1]}, r"method.stage_steps=\[1, 0, 1\] must be a number > 0 or a list"),
-        ({"stage_steps": [1, 1]}, r"method.stage_steps=\[1, 1\] has 2 entries but there are 3 stages"),
-        ({"stage_steps": 1, "stage_kimg": 1}, r"set exactly one of them"),
-        ({"stage_steps": None}, r"set exactly one of them"),
+        (
+            {"stage_iterations": [1, 0, 1]},
+            r"method.stage_iterations=\[1, 0, 1\] must be a number > 0 or a list",
+        ),
+        (
+            {"stage_iterations": [1, 1]},
+            r"method.stage_iterations=\[1, 1\] has 2 entries but there are 3 stages",
+        ),
+        ({"stage_iterations": 1, "stage_kimg": 1}, r"set exactly one of them"),
+        ({"stage_iterations": None}, r"set exactly one of them"),
         ({"lr": -1e-4}, r"method.lr=-0.0001 must be a number > 0"),
         ({"weighting": "eps"}, r"method.weighting='eps' is not one of"),
         ({"lr_schedule": "cosine"}, r"method.lr_schedule='cosine'"),
@@ -241,14 +247,14 @@ def test_stage_evaluation_samples_each_stage_at_its_own_step_count():
 def test_bad_settings_fail_in_init_naming_key_value_and_fix(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ProgressiveDistillation(
-            analytic_teacher(), mlp_denoiser(), **{"n_start": 4, "stage_steps": 1, **kwargs}
+            analytic_teacher(), mlp_denoiser(), **{"n_start": 4, "stage_iterations": 1, **kwargs}
         )
 
 
 def test_a_student_of_another_shape_is_refused():
     with pytest.raises(ConfigError, match="pick a student= that matches the data"):
         ProgressiveDistillation(
-            analytic_teacher(), EDMDenoiser(MLPBackbone(3), (3,)), n_start=4, stage_steps=1
+            analytic_teacher(), EDMDenoiser(MLPBackbone(3), (3,)), n_start=4, stage_iterations=1
         )
 
 
@@ -276,7 +282,7 @@ def test_the_one_step_student_keeps_every_mode_share_within_five_points():
     teacher = analytic_teacher()
     start = time.perf_counter()
     student = fit_denoiser(EDMDenoiser(MLPBackbone(2, 128, 3, 32), (2,)), steps=3000)
-    method = ProgressiveDistillation(teacher, student, n_start=32, stage_steps=1500, lr=1e-3)
+    method = ProgressiveDistillation(teacher, student, n_start=32, stage_iterations=1500, lr=1e-3)
     fit(method, data=data)
     x = method.sample(torch.randn(20000, 2, generator=torch.Generator().manual_seed(2)))
     shares = data.mixture.mode_shares(x)
@@ -297,7 +303,7 @@ class LabelledToy(TensorDataModule):
         self.mixture, self.n_train = toy_data().mixture, n_train
 
     def load(self, split: str):
-        return self.mixture.sample(self.n_train, generator=torch.Generator().manual_seed(0))
+        return self.mixture.sample(self.n_train, rng=torch.Generator().manual_seed(0))
 
 
 class ConditionalMixtureDenoiser(Denoiser):
@@ -354,7 +360,7 @@ def test_the_guidance_target_is_the_cfg_combination_with_the_null_token():
 
 def test_guided_distillation_runs_its_guidance_stage_then_halves_at_fixed_w():
     method = GuidedDistillation(
-        freeze(conditional_mlp()), n_start=2, stage_steps=1, guidance_steps=1, lr=1e-3, w=1.5
+        freeze(conditional_mlp()), n_start=2, stage_iterations=1, guidance_iterations=1, lr=1e-3, w=1.5
     )
     recorder = Recorder()
     trainer = fit(method, [recorder], data=LabelledToy())
@@ -366,7 +372,9 @@ def test_guided_distillation_runs_its_guidance_stage_then_halves_at_fixed_w():
 
 
 def test_guided_distillation_refuses_unlabelled_data_before_training():
-    method = GuidedDistillation(freeze(conditional_mlp()), n_start=2, stage_steps=1, guidance_steps=1)
+    method = GuidedDistillation(
+        freeze(conditional_mlp()), n_start=2, stage_iterations=1, guidance_iterations=1
+    )
     with pytest.raises(ConfigError, match="method=guided needs labelled data, data=toy2d has none"):
         fit(method, data=toy_data())
     assert method.gen_steps == 0
@@ -377,10 +385,11 @@ def test_guided_distillation_refuses_unlabelled_data_before_training():
     [
         ({"teacher": AnalyticMixtureDenoiser(toy_data().mixture)}, r"needs a class-conditional teacher"),
         ({"w": 5.0}, r"method.w=5.0 must be a number in \[0.0, 4.0\] \(method.w_min <= w <= method.w_max\)"),
-        ({"guidance_steps": 0}, r"method.guidance_steps=0 must be a number > 0"),
+        ({"guidance_iterations": 0}, r"method.guidance_iterations=0 must be a number > 0"),
         (
-            {"guidance_steps": None, "guidance_kimg": 1},
-            r"method.guidance_kimg=1 is in kimg but the stage budgets in steps; give method.guidance_steps",
+            {"guidance_iterations": None, "guidance_kimg": 1},
+            r"method.guidance_kimg=1 is in kimg but the stage budgets in iterations; give "
+            r"method.guidance_iterations",
         ),
         ({"guidance_lr": 0.0}, r"method.guidance_lr=0.0 must be a number > 0, or null"),
         ({"student": ConditionalMixtureDenoiser()}, r"adds its w-embedding to the σ-embedding"),
@@ -390,8 +399,8 @@ def test_bad_guided_settings_fail_in_init(kwargs, match):
     settings = {
         "teacher": freeze(conditional_mlp()),
         "n_start": 2,
-        "stage_steps": 1,
-        "guidance_steps": 1,
+        "stage_iterations": 1,
+        "guidance_iterations": 1,
         **kwargs,
     }
     with pytest.raises(ConfigError, match=match):
@@ -417,8 +426,8 @@ def test_the_one_step_guided_student_matches_the_guided_teacher_per_class():
     teacher, data = ConditionalMixtureDenoiser(), LabelledToy(n_train=20000, batch_size=256)
     start = time.perf_counter()
     student = fit_denoiser(conditional_mlp(128, 3), steps=3000, labelled=True)
-    method = GuidedDistillation(teacher, student, n_start=16, stage_steps=1500, guidance_steps=1500, lr=1e-3,
-                                w=1.0)  # fmt: skip
+    method = GuidedDistillation(teacher, student, n_start=16, stage_iterations=1500, guidance_iterations=1500,
+                                lr=1e-3, w=1.0)  # fmt: skip
     fit(method, data=data)
     z = torch.randn(8000, 2, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(4).repeat(2000)
@@ -439,7 +448,7 @@ def test_the_train_command_runs_every_stage_and_reports_each_step_count(tmp_path
 
     proc = run_cli(
         "distillbench.train", "method=progressive", "data=toy2d", "method.n_start=4",
-        "method.stage_kimg=null", "method.stage_steps=2", "method.batch_size=32", "eval.n=256",
+        "method.stage_kimg=null", "method.stage_iterations=2", "method.batch_size=32", "eval.n=256",
         "eval.every_kimg=1", "teacher_sampler.steps=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )  # fmt: skip

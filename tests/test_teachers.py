@@ -82,7 +82,7 @@ def test_analytic_denoiser_matches_monte_carlo_posterior_mean():
     mixture = GaussianMixture([[-1.0, 0.0], [1.0, 0.5]], [0.2, 0.4], [0.3, 0.7])
     denoiser = AnalyticMixtureDenoiser(mixture)
     g = torch.Generator().manual_seed(0)
-    x0, _ = mixture.sample(400_000, generator=g)
+    x0, _ = mixture.sample(400_000, rng=g)
     sigma = 0.7
     xs = x0 + sigma * torch.randn(x0.shape, generator=g)
     query = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.2, -0.3]])

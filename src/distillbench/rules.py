@@ -128,21 +128,3 @@ def lookup(cfg: DictConfig, key: str):
     value = OmegaConf.select(cfg, key, default=ABSENT)
     is_node = isinstance(value, (DictConfig, ListConfig))
     return OmegaConf.to_container(value, resolve=True) if is_node else value
-
-
-def check_one_budget(m: DictConfig, prefix: str, stages: int) -> str:
-    """Exactly one of ``<prefix>_kimg`` and ``<prefix>_steps`` is set, one entry per stage; its unit."""
-    kimg, steps = m.get(f"{prefix}_kimg"), m.get(f"{prefix}_steps")
-    if (kimg is None) == (steps is None):
-        raise ConfigError(
-            f"method.{prefix}_kimg={kimg} and method.{prefix}_steps={steps}: set exactly one of them (the "
-            "other null)"
-        )
-    unit = "kimg" if kimg is not None else "steps"
-    check_stage_count(f"method.{prefix}_{unit}", lookup(m, f"{prefix}_{unit}"), stages)
-    return unit
-
-
-def check_stage_count(key: str, value, stages: int) -> None:
-    if isinstance(value, list) and len(value) != stages:
-        raise ConfigError(f"{key}={value} has {len(value)} entries but must have {stages}, one per stage")

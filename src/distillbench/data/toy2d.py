@@ -37,5 +37,5 @@ class Toy2DDataModule(TensorDataModule):
 
     def load(self, split: str):
         g = torch.Generator().manual_seed(self.sample_seed + (0 if split == "train" else 1))
-        x, _ = self.mixture.sample(self.n[split], generator=g)
+        x, _ = self.mixture.sample(self.n[split], rng=g)
         return x, None

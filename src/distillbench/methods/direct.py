@@ -164,7 +164,7 @@ class DirectDistillation(StagedDistillation):
                 "direct distillation trains method.net (a NAFNet), not a student=; drop student="
             )
         self.k = k
-        self.set_budgets("steps", [iterations] + ([refine_iterations] if refiner is not None else []))
+        self.set_budgets("iterations", [iterations] + ([refine_iterations] if refiner is not None else []))
         check_net_fits("method.net", net, self.sample_shape, self.num_classes)
         if refiner is not None:
             check_net_fits("method.refiner", refiner, self.sample_shape, self.num_classes)

@@ -28,7 +28,6 @@ from distillbench.nets.mlp import FourierEmbedding, MLPBackbone
 from distillbench.rules import (
     OPTIONAL_POSITIVE,
     check,
-    check_one_budget,
     lookup,
     number,
     optional,
@@ -102,12 +101,13 @@ def guided_target(teacher: Denoiser, x, sigma, labels, w: torch.Tensor) -> torch
 class GuidedDistillation(ProgressiveDistillation):
     """Stage 0 distils guidance into a w-conditioned student; stages 1 … halve its steps at fixed ``w``.
 
-    ``guidance_kimg``/``guidance_steps`` is stage 0's budget (same unit as the halving stages'),
+    ``guidance_kimg``/``guidance_iterations`` is stage 0's budget (same unit as the halving stages'),
     ``guidance_lr`` its learning rate (default: the first halving stage's).
     """
 
     settings = {"w": number(ge=0), "w_min": number(ge=0), "w_max": number(ge=0),
-                "guidance_kimg": optional(positive_per_stage), "guidance_steps": optional(positive_per_stage),
+                "guidance_kimg": optional(positive_per_stage),
+                "guidance_iterations": optional(positive_per_stage),
                 "guidance_lr": OPTIONAL_POSITIVE}  # fmt: skip
 
     @classmethod
@@ -117,7 +117,8 @@ class GuidedDistillation(ProgressiveDistillation):
         check("method.w_min", method.w_min, number(ge=0, le=method.w_max), "0 <= w_min <= w_max")
         within = number(ge=method.w_min, le=method.w_max)
         check("method.w", method.w, within, "method.w_min <= w <= method.w_max")
-        guidance_unit = check_one_budget(method, "guidance", 1)
+        guidance = (lookup(method, "guidance_kimg"), lookup(method, "guidance_iterations"))
+        guidance_unit = stage_budgets(*guidance, 1, prefix="method.guidance")[0]
         if guidance_unit != unit:
             key = f"method.guidance_{guidance_unit}"
             raise ConfigError(
@@ -133,7 +134,7 @@ class GuidedDistillation(ProgressiveDistillation):
         w_min: float = 0.0,
         w_max: float = 4.0,
         guidance_kimg: float | None = None,
-        guidance_steps: int | None = None,
+        guidance_iterations: int | None = None,
         guidance_lr: float | None = None,
         **kwargs,
     ):
@@ -143,7 +144,7 @@ class GuidedDistillation(ProgressiveDistillation):
                 "for an unconditional one"
             )
         self.check_arguments(locals())
-        unit, budget = stage_budgets(guidance_kimg, guidance_steps, 1, prefix="method.guidance")
+        unit, budget = stage_budgets(guidance_kimg, guidance_iterations, 1, prefix="method.guidance")
         init = student if student is not None else teacher
         duration_kimg = kwargs.pop("duration_kimg", None)  # scales every stage, the guidance stage too
         super().__init__(teacher, GuidedStudent(init, w), **kwargs)

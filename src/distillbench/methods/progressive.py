@@ -42,8 +42,6 @@ from distillbench.rules import (
     POSITIVE,
     SCHEDULE,
     betas,
-    check_one_budget,
-    check_stage_count,
     lookup,
     one_of,
     optional,
@@ -112,15 +110,19 @@ def per_stage(key: str, value, stages: int, fix: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def stage_budgets(kimg, steps, stages: int, prefix: str = "method.stage") -> tuple[str, list[float]]:
-    """The budget unit (``kimg`` or ``steps``) and one budget per stage; exactly one of the two is set."""
-    if (kimg is None) == (steps is None):
+def stage_budgets(kimg, iterations, stages: int, prefix: str = "method.stage") -> tuple[str, list[float]]:
+    """The budget unit (``kimg`` or ``iterations``, i.e. optimiser steps) and one budget per stage from one
+    number (every stage) or a list of one per stage; exactly one of the two is set."""
+    if (kimg is None) == (iterations is None):
         raise ConfigError(
-            f"{prefix}_kimg={kimg} and {prefix}_steps={steps}: set exactly one of them (the other null)"
+            f"{prefix}_kimg={kimg} and {prefix}_iterations={iterations}: set exactly one of them (the other "
+            "null)"
         )
     if kimg is not None:
         return "kimg", per_stage(f"{prefix}_kimg", kimg, stages, "give every stage a positive kimg")
-    return "steps", per_stage(f"{prefix}_steps", steps, stages, "give every stage a positive step count")
+    return "iterations", per_stage(
+        f"{prefix}_iterations", iterations, stages, "give every stage a positive number of iterations"
+    )
 
 
 class ProgressiveDistillation(StagedDistillation):
@@ -137,7 +139,7 @@ class ProgressiveDistillation(StagedDistillation):
     ddp_networks = ("student",)  # the frozen previous student needs no DDP
 
     settings = {"n_start": power_of_two, "stage_kimg": optional(positive_per_stage),
-                "stage_steps": optional(positive_per_stage), "lr": positive_per_stage,
+                "stage_iterations": optional(positive_per_stage), "lr": positive_per_stage,
                 "lr_schedule": one_of(*LR_SCHEDULES), "betas": betas, "eps": POSITIVE,
                 "grad_clip": OPTIONAL_POSITIVE, "weighting": one_of(*WEIGHTINGS), **SCHEDULE}  # fmt: skip
 
@@ -145,9 +147,8 @@ class ProgressiveDistillation(StagedDistillation):
     def check_config(cls, method: DictConfig) -> str:
         """The stage budgets and learning rates, one per stage; returns the budgets' unit."""
         stages = method.n_start.bit_length()  # n_start, n_start/2, …, 1 student steps
-        unit = check_one_budget(method, "stage", stages)
-        check_stage_count("method.lr", lookup(method, "lr"), stages)
-        return unit
+        per_stage("method.lr", lookup(method, "lr"), stages, "give every stage a positive learning rate")
+        return stage_budgets(lookup(method, "stage_kimg"), lookup(method, "stage_iterations"), stages)[0]
 
     def __init__(
         self,
@@ -155,7 +156,7 @@ class ProgressiveDistillation(StagedDistillation):
         student: Denoiser | None = None,
         n_start: int = 64,
         stage_kimg: float | Sequence[float] | None = None,
-        stage_steps: int | Sequence[int] | None = None,
+        stage_iterations: int | Sequence[int] | None = None,
         lr: float | Sequence[float] = 5e-5,
         lr_schedule: str = "linear",
         betas: tuple[float, float] = (0.9, 0.999),
@@ -172,7 +173,7 @@ class ProgressiveDistillation(StagedDistillation):
         self.n_start = n_start
         self.stage_steps_list = [n_start >> k for k in range(n_start.bit_length())]  # n_start, …, 2, 1
         stages = len(self.stage_steps_list)
-        self.set_budgets(*stage_budgets(stage_kimg, stage_steps, stages))
+        self.set_budgets(*stage_budgets(stage_kimg, stage_iterations, stages))
         self.lrs = per_stage("method.lr", lr, stages, "give every stage a positive learning rate")
         self.lr_schedule, self.weighting = lr_schedule, weighting
         self.save_hyperparameters(ignore=["teacher", "student", "schedule"])

@@ -15,14 +15,14 @@ from distillbench.teachers.denoiser import Denoiser
 class StagedDistillation(DistillationMethod):
     """A method trained in stages, each with its own budget (progressive halving; direct's two networks).
 
-    A subclass sets its stages' budgets with :meth:`set_budgets` (one per stage, in ``steps`` or ``kimg``;
-    with ``duration_kimg`` they are scaled together to it) and :attr:`nfe` (its sampler's NFE at the current
-    stage). A spent budget appends (``stage``, ``steps``,
+    A subclass sets its stages' budgets with :meth:`set_budgets` (one per stage, in ``iterations`` or
+    ``kimg``; with ``duration_kimg`` they are scaled together to it) and :attr:`nfe` (its sampler's NFE at the
+    current stage). A spent budget appends (``stage``, ``steps``,
     ``kimg``, ``gen_step``) to :attr:`finished_stages` for :class:`~distillbench.callbacks.StageEvaluation`,
     then :meth:`start_next_stage` runs, or after the last stage the trainer stops.
     """
 
-    budget_unit: str = "steps"
+    budget_unit: str = "iterations"
     staged = True
 
     def __init__(
@@ -35,8 +35,8 @@ class StagedDistillation(DistillationMethod):
         self.register_buffer("stage_nimg", torch.zeros((), dtype=torch.float64))
 
     def set_budgets(self, unit: str, budgets: list[float]) -> None:
-        """The stages' budgets in ``unit`` (``steps`` or ``kimg``), scaled together to ``duration_kimg`` when
-        it is set (in whole steps of every stage, at least one)."""
+        """The stages' budgets in ``unit`` (``iterations``, i.e. optimiser steps, or ``kimg``), scaled
+        together to ``duration_kimg`` when it is set (in whole iterations of every stage, at least one)."""
         self.budget_unit, self.budgets = unit, list(budgets)
         if self.duration_kimg is not None:
             self.scale_budgets(lambda stage: 1.0, self.duration_kimg * 1000)
@@ -98,7 +98,7 @@ class StagedDistillation(DistillationMethod):
         samples_per_unit = 1000 if self.budget_unit == "kimg" else batch
         planned = sum(b * samples_per_unit * cost(stage) for stage, b in enumerate(self.budgets))
         steps = [max(1, math.floor(b * total / planned * samples_per_unit / batch)) for b in self.budgets]
-        self.budgets = steps if self.budget_unit == "steps" else [n * batch / 1000 for n in steps]
+        self.budgets = steps if self.budget_unit == "iterations" else [n * batch / 1000 for n in steps]
         return sum(steps) * batch / 1000
 
     def fit_budget(self, tfe: float) -> float:
