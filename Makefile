@@ -31,8 +31,9 @@ install: $(STAMP) ## Create .venv and install torch, the package and its test to
 run: $(STAMP) ## Run the main job: SIM distillation of the shipped digits teacher (a few minutes)
 	$(PY) -m distillbench.train
 
+# One worker per core; a test file stays on one worker, so its module fixtures are built once.
 test: $(STAMP) ## Run the test suite (not the slow tests)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-slow: $(STAMP) ## Run the slow convergence tests
 	$(PY) -m pytest -q -m slow
