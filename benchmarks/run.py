@@ -3,10 +3,10 @@
 On the embedded digits setup (the shipped teacher, batch 64, the CPU trainer without progress bar) it
 measures, each as median and spread (min, max) over ``--repeats`` repeats:
 
-1. overhead: a distillbench training step (SIM, SiD, DI, progressive, direct, CD, ECT; through Lightning with the
-   train command's callbacks and CSV logging) against :mod:`benchmarks.bare`, the same network passes on
-   copies of the same networks and batch, interleaved step by step in one process, after checking both
-   compute the same loss on the same inputs; goal ≤ 1.05. A method that misses it is profiled
+1. overhead: a distillbench training step (SIM, SiD, DI, progressive, direct, CD, ECT; through Lightning
+   with the train command's callbacks and CSV logging) against :mod:`benchmarks.bare`, the same network
+   passes on copies of the same networks and batch, interleaved step by step in one process, after checking
+   both compute the same loss on the same inputs; goal ≤ 1.05. A method that misses it is profiled
    (torch.profiler over the timed steps, top operators of both loops);
 2. sampling: the one-step student against the teacher's Heun (35 NFE) and DPM-Solver++(2M) at 8 and 20
    steps, samples per second at batch 256; goal: the student ≥ 30× the 35-NFE teacher;

@@ -68,7 +68,7 @@ def test_progressive_counts_two_teacher_forwards_and_a_student_step_per_sample()
 
 @pytest.mark.parametrize(
     ("cls", "networks", "passes", "per_image"),
-    [  # per training image: CD's student, target and teacher (two for the Heun step); ECT's student at t and r
+    [  # per training image: CD's student, target and teacher (its Heun step); ECT's student at t and at r
         (ConsistencyDistillation, ("student", "target", "teacher"), [(1, 1), (1, 0), (2, 0)], 6),
         (ECT, ("student",), [(2, 1)], 4),
     ],

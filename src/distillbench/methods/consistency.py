@@ -61,7 +61,7 @@ def positive_list(value) -> str | None:
     return None if ok else "must be a list of numbers > 0"
 
 
-# ---- the consistency function and its sampler ---------------------------------------------------------------
+# ---- the consistency function and its sampler --------------------------------------------------------------
 def consistency_function(net, x, sigma, labels, sigma_min: float, sigma_data: float) -> torch.Tensor:
     """f(x, σ) = c_skip·x + (1 − σ_min/σ)·(D(x; σ) − c_skip^EDM·x) for a (B,) σ; f(x, σ_min) = x."""
     s = per_sample(sigma, x).to(x.dtype)
@@ -93,10 +93,11 @@ def sampling_sigmas(steps: int, sigmas, sigma_min: float, sigma_max: float) -> l
         sigmas = karras(steps + 1, sigma_min=sigma_min, sigma_max=sigma_max)[1:steps].tolist()
     sigmas = [float(s) for s in sigmas]
     levels = [sigma_max, *sigmas]
-    if len(sigmas) != steps - 1 or any(b >= a for a, b in zip(levels, levels[1:])) or levels[-1] <= sigma_min:
+    descending = all(b < a for a, b in zip(levels, levels[1:], strict=False))
+    if len(sigmas) != steps - 1 or not descending or levels[-1] <= sigma_min:
         raise ConfigError(
-            f"method.sample_sigmas={sigmas} must hold sample_steps − 1 = {steps - 1} σ's, descending, between "
-            f"σ_min={sigma_min} and σ_max={sigma_max} (or null for the ρ = 7 grid)"
+            f"method.sample_sigmas={sigmas} must hold sample_steps − 1 = {steps - 1} σ's, descending, "
+            f"between σ_min={sigma_min} and σ_max={sigma_max} (or null for the ρ = 7 grid)"
         )
     return levels
 
@@ -115,7 +116,7 @@ def same_dropout(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-# ---- the method ---------------------------------------------------------------------------------------------
+# ---- the method --------------------------------------------------------------------------------------------
 class ConsistencyMethod(DistillationMethod):
     """A student trained on real data with one guarded update per batch, its evaluation EMA, and
     multistep sampling with the EMA's consistency function. A subclass implements :meth:`consistency_loss`
@@ -159,8 +160,9 @@ class ConsistencyMethod(DistillationMethod):
         super().__init__(teacher, seed)
         sample_sigmas = None if sample_sigmas is None else list(sample_sigmas)
         self.check_arguments(sample_steps=sample_steps, sample_sigmas=sample_sigmas, optimizer=optimizer,
-                             lr=lr, betas=list(betas), eps=eps, warmup_kimg=warmup_kimg, grad_clip=grad_clip,
-                             ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio)  # fmt: skip
+                             lr=lr, betas=list(betas), eps=eps, warmup_kimg=warmup_kimg,
+                             grad_clip=grad_clip, ema_halflife_kimg=ema_halflife_kimg,
+                             ema_rampup_ratio=ema_rampup_ratio)  # fmt: skip
         self.save_hyperparameters(ignore=["teacher", "student"])
         self.sigma_min, self.sigma_max = float(teacher.sigma_min), float(teacher.sigma_max)
         self.sample_levels = sampling_sigmas(sample_steps, sample_sigmas, self.sigma_min, self.sigma_max)
@@ -169,7 +171,7 @@ class ConsistencyMethod(DistillationMethod):
         self.ema = freeze(copy.deepcopy(self.student))
         self.sigma_data = float(self.student.sigma_data)
 
-    # ---- contract --------------------------------------------------------------------------------------------
+    # ---- contract ------------------------------------------------------------------------------------------
     @property
     def nfe(self) -> int:
         """One call of the consistency function per sampling step."""
@@ -190,7 +192,7 @@ class ConsistencyMethod(DistillationMethod):
         with evaluating(self.ema):
             return multistep(self.ema, z, labels, levels, self.sigma_min, self.sigma_data)
 
-    # ---- one update ------------------------------------------------------------------------------------------
+    # ---- one update ----------------------------------------------------------------------------------------
     def consistency_loss(self, x0: torch.Tensor, labels) -> torch.Tensor:
         """The per-sample loss of a batch of real samples (with grad). Implemented by each method."""
         raise NotImplementedError
@@ -233,4 +235,3 @@ class ConsistencyMethod(DistillationMethod):
         if h.optimizer == "radam":
             return torch.optim.RAdam(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         return adam(self.student.parameters(), h.lr, h.betas, h.eps)
-

@@ -27,14 +27,14 @@ def ect_r(t: torch.Tensor, stage: int, q: float, k: float, b: float) -> torch.Te
     return (t * (1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t)))).clamp_min(0)
 
 
-def ect_loss(d_t: torch.Tensor, d_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: float) -> torch.Tensor:
+def ect_loss(d_t: torch.Tensor, d_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: float):
     """Per-sample (√(‖D_t − D_r‖² + c²) − c)/(t − r)."""
     return (((d_t - d_r).flatten(1).pow(2).sum(1) + c**2).sqrt() - c) / (t - r)
 
 
 class ECT(ConsistencyMethod):
-    settings = {"p_mean": number(), "p_std": POSITIVE, "q": number(gt=1), "k": number(ge=0), "b": number(ge=0),
-                "c": number(ge=0), "double_kimg": POSITIVE}  # fmt: skip
+    settings = {"p_mean": number(), "p_std": POSITIVE, "q": number(gt=1), "k": number(ge=0),
+                "b": number(ge=0), "c": number(ge=0), "double_kimg": POSITIVE}  # fmt: skip
 
     def __init__(
         self,
