@@ -151,3 +151,88 @@ class BareDirect:
         self.opt.zero_grad(set_to_none=True)
         self.loss(x_k, sigma, x_final, labels).backward()
         self.opt.step()
+
+
+def consistency_f(net, x, sigma, labels, sigma_min: float = SIGMA_MIN) -> torch.Tensor:
+    """f(x, σ) = c_skip·x + c_out·F with σ_min in c_skip and c_out (docs/algorithms.md §11), through D:
+    F = (D − c_skip^EDM·x)/c_out^EDM."""
+    s, sd = column(sigma, x), net.sigma_data
+    c_skip = sd**2 / ((s - sigma_min) ** 2 + sd**2)
+    c_out = (s - sigma_min) * sd / (s**2 + sd**2).sqrt()
+    c_out_edm = s * sd / (s**2 + sd**2).sqrt()
+    return c_skip * x + c_out / c_out_edm * (net(x, sigma, labels) - sd**2 / (s**2 + sd**2) * x)
+
+
+class BareCD:
+    """One consistency-distillation step: a teacher Heun step between adjacent ρ = 7 levels (no grad), the
+    online and target consistency functions under one dropout state, pseudo-Huber, Adam, the target and
+    evaluation EMAs."""
+
+    def __init__(self, method):
+        self.teacher, self.student = method.teacher, copy.deepcopy(method.student)
+        self.target, self.ema = copy.deepcopy(method.target), copy.deepcopy(method.ema)
+        h = method.hparams
+        n = h.levels
+        i = torch.arange(n, dtype=torch.float64) / (n - 1)
+        self.grid = (SIGMA_MAX ** (1 / RHO) + i * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+        self.mu, self.c = h.target_decay, method.c
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+
+    def loss(self, x0, labels, g=None) -> torch.Tensor:
+        i = torch.randint(len(self.grid) - 1, (x0.shape[0],), generator=g)
+        t, t2 = self.grid[i], self.grid[i + 1]
+        x_t = x0 + column(t, x0).float() * torch.randn(x0.shape, generator=g)
+        with torch.no_grad():  # Heun from t to t₂ on dx/dσ = (x − D)/σ, in float64
+            x = x_t.double()
+            d1 = (x - self.teacher(x, t, labels).double()) / column(t, x)
+            x_e = x + column(t2 - t, x) * d1
+            d2 = (x_e - self.teacher(x_e, t2, labels).double()) / column(t2, x)
+            x_hat = (x + column(t2 - t, x) * (d1 + d2) / 2).float()
+        state = torch.get_rng_state()
+        online = consistency_f(self.student, x_t, t.float(), labels)
+        torch.set_rng_state(state)
+        with torch.no_grad():
+            target = consistency_f(self.target, x_hat, t2.float(), labels)
+        return ((rows_sum((online - target) ** 2) + self.c**2).sqrt() - self.c).mean()
+
+    def step(self, x0, labels) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(x0, labels).backward()
+        self.opt.step()
+        with torch.no_grad():
+            for net, rate in ((self.target, self.mu), (self.ema, 0.999)):
+                for e, p in zip(net.parameters(), self.student.parameters(), strict=True):
+                    e.lerp_(p, 1 - rate)
+
+
+class BareECT:
+    """One ECT step: t log-normal, r from the stage's mapping, D at t (grad) and at r (no grad) on one noise
+    and one dropout state, (√(‖D_t − D_r‖² + c²) − c)/(t − r), Adam, the evaluation EMA."""
+
+    def __init__(self, method):
+        self.student, self.ema = copy.deepcopy(method.student), copy.deepcopy(method.ema)
+        self.method = method  # its stage and settings
+        h = method.hparams
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+
+    def loss(self, y, labels, g=None) -> torch.Tensor:
+        m = self.method
+        t = (m.p_mean + m.p_std * torch.randn((y.shape[0],), generator=g)).exp()
+        decay = m.q ** -(m.stage + 1)
+        r = (t * (1 - decay * (1 + m.k * torch.sigmoid(-m.b * t)))).clamp(min=0)
+        eps = torch.randn(y.shape, generator=g)
+        state = torch.get_rng_state()
+        d_t = self.student(y + column(t, y) * eps, t, labels)
+        torch.set_rng_state(state)
+        with torch.no_grad():
+            d_r = self.student(y + column(r, y) * eps, r.clamp(min=SIGMA_MIN), labels)
+            d_r = torch.where(column(r > 0, y), d_r, y)
+        return (((rows_sum((d_t - d_r) ** 2) + m.c**2).sqrt() - m.c) / (t - r)).mean()
+
+    def step(self, y, labels) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(y, labels).backward()
+        self.opt.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.student.parameters(), strict=True):
+                e.lerp_(p, 1 - 0.999)

@@ -3,10 +3,10 @@
 On the embedded digits setup (the shipped teacher, batch 64, the CPU trainer without progress bar) it
 measures, each as median and spread (min, max) over ``--repeats`` repeats:
 
-1. overhead: a distillbench training step (SIM, SiD, DI, progressive, direct; through Lightning with the
-   train command's callbacks and CSV logging) against :mod:`benchmarks.bare`, the same network passes on
-   copies of the same networks and batch, interleaved step by step in one process, after checking both
-   compute the same loss on the same inputs; goal ≤ 1.05. A method that misses it is profiled
+1. overhead: a distillbench training step (SIM, SiD, DI, progressive, direct, CD, ECT; through Lightning
+   with the train command's callbacks and CSV logging) against :mod:`benchmarks.bare`, the same network
+   passes on copies of the same networks and batch, interleaved step by step in one process, after checking
+   both compute the same loss on the same inputs; goal ≤ 1.05. A method that misses it is profiled
    (torch.profiler over the timed steps, top operators of both loops);
 2. sampling: the one-step student against the teacher's Heun (35 NFE) and DPM-Solver++(2M) at 8 and 20
    steps, samples per second at batch 256; goal: the student ≥ 30× the 35-NFE teacher;
@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch.utils.data import default_collate
 
-from benchmarks.bare import BareDirect, BareProgressive, BareScore, edm_fake_loss
+from benchmarks.bare import BareCD, BareDirect, BareECT, BareProgressive, BareScore, edm_fake_loss
 from distillbench.callbacks import BatchTimer
 from distillbench.teachers.training import edm_loss
 from distillbench.utils.io import atomic_write_json, atomic_write_text
@@ -59,6 +59,8 @@ METHODS = {
     "direct": ["method=direct", "data=trajectories", "+data@data.like=digits", "teacher=digits",
                "metrics=digits", "method.steps=20", "method.k=10", "method.iterations=1000000",
                "method.refiner=null", "method.refine_iterations=0"],
+    "cd": ["method=cd"],
+    "ect": ["method=ect"],
 }  # fmt: skip
 GOALS = {"overhead": 1.05, "sampling": 30.0, "direct": 0.5}
 
@@ -148,8 +150,9 @@ def bare_loop(name: str, run):
         bare, probs = BareScore(method), data.label_distribution
         batch = method.hparams.batch_size
         return bare, lambda: bare.step(torch.multinomial(probs, batch, replacement=True))
-    if name == "progressive":
-        bare, (x, labels) = BareProgressive(method), data.arrays("train")
+    if name in ("progressive", "cd", "ect"):
+        bare = {"progressive": BareProgressive, "cd": BareCD, "ect": BareECT}[name](method)
+        x, labels = data.arrays("train")
         batch = data.batch_size
 
         def step():
@@ -203,6 +206,12 @@ def same_losses(name: str, run, bare) -> dict[str, float]:
         with torch.no_grad():
             framework = method.distillation_loss(x, labels, torch.Generator().manual_seed(seed)).mean()
             ours = bare.loss(x, labels, torch.Generator().manual_seed(seed))
+        return {"framework": float(framework), "bare": float(ours)}
+    if name in ("cd", "ect"):  # the bare loop draws from the stream the method draws its step from
+        x, labels = (t[:16] for t in run.datamodule.arrays("train"))
+        with torch.no_grad():
+            framework = method.consistency_loss(x, labels).mean()
+            ours = bare.loss(x, labels, method.seeded_stream(0))
         return {"framework": float(framework), "bare": float(ours)}
     x_k, sigma, _, x_final, labels = default_collate([run.datamodule.pairs("train")[i] for i in range(16)])
     with torch.no_grad():

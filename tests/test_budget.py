@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from distillbench.callbacks import KimgBudget
+from distillbench.methods import ECT, ConsistencyDistillation
 from distillbench.methods.accounting import forward_equivalents
 from distillbench.methods.progressive import ProgressiveDistillation
 from distillbench.teachers.denoiser import freeze
@@ -64,6 +65,25 @@ def test_progressive_counts_two_teacher_forwards_and_a_student_step_per_sample()
     assert [(c.forward, c.backward) for c in counters] == [(64, 64), (64, 0), (64, 0)]
     assert float(method.tfe) == pytest.approx(2 * 32 * 5)
     assert float(method.tfe) == pytest.approx(sum(c.tfe(teacher) for c in counters))
+
+
+@pytest.mark.parametrize(
+    ("cls", "networks", "passes", "per_image"),
+    [  # per training image: CD's student, target and teacher (its Heun step); ECT's student at t and at r
+        (ConsistencyDistillation, ("student", "target", "teacher"), [(1, 1), (1, 0), (2, 0)], 6),
+        (ECT, ("student",), [(2, 1)], 4),
+    ],
+)
+def test_consistency_methods_count_the_passes_their_step_makes(cls, networks, passes, per_image):
+    from tests.test_consistency import fit
+
+    teacher = tiny_teacher()
+    method = cls(teacher)
+    counters = [SampleCounter(getattr(method, name).net) for name in networks]
+    fit(method, batch_size=4)
+    assert [(c.forward, c.backward) for c in counters] == [(4 * f, 4 * b) for f, b in passes]
+    assert float(method.tfe) == pytest.approx(4 * per_image)
+    assert float(method.tfe) == pytest.approx(sum(c.tfe(teacher.net) for c in counters))
 
 
 @pytest.mark.parametrize(("name", "per_image"), [("sim", 13), ("di", 9)])
