@@ -252,8 +252,8 @@ def test_the_ect_stage_grows_every_double_kimg():
 
 @pytest.mark.parametrize(("cls", "per_sample"), [(ConsistencyDistillation, 6), (ECT, 4)])
 def test_a_budget_sets_the_whole_steps_that_spend_it(cls, per_sample):
-    method = cls(tiny_teacher())
-    kimg = method.fit_budget(tfe=8 * per_sample * 3 + 5, batch_size=8)
+    method = cls(tiny_teacher(), batch_size=8)
+    kimg = method.fit_budget(tfe=8 * per_sample * 3 + 5)
     assert kimg == pytest.approx(0.024)
     fit(method, kimg=kimg)
     assert int(method.gen_steps) == 3 and float(method.tfe) == pytest.approx(3 * 8 * per_sample)
@@ -326,7 +326,7 @@ def test_a_short_budget_moves_the_one_step_student_towards_the_law(
 ):
     from distillbench.train import build
 
-    cfg = compose("train", [*COMMON, *LEARNING[method], "distill.duration_kimg=0.64", "eval.every_kimg=0.64",
+    cfg = compose("train", [*COMMON, *LEARNING[method], "method.duration_kimg=0.64", "eval.every_kimg=0.64",
                             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])  # fmt: skip
     run = build(cfg)
     run.trainer.fit(run.method, datamodule=run.train_data)
@@ -343,7 +343,7 @@ def test_a_short_budget_moves_the_one_step_student_towards_the_law(
 
 
 # ---- exact resume ------------------------------------------------------------------------------------------
-RESUME = ["data=toy2d", "distill.batch_size=32", "distill.duration_kimg=0.32", "checkpoint.every_kimg=0.16",
+RESUME = ["data=toy2d", "method.batch_size=32", "method.duration_kimg=0.32", "checkpoint.every_kimg=0.16",
           "eval.n=64", "eval.every_kimg=0.16", "eval.teacher=false", "logger=csv",
           "trainer.deterministic=true", "threads=1"]  # fmt: skip
 

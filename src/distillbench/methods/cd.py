@@ -68,7 +68,7 @@ class ConsistencyDistillation(ConsistencyMethod):
         c: float | None = None,
         **kwargs,
     ):
-        self.check_arguments(levels=levels, target_decay=target_decay, distance=distance, c=c)
+        self.check_arguments(locals())
         super().__init__(teacher, student, **kwargs)
         self.target_decay, self.distance = float(target_decay), DISTANCES[distance]
         self.c = float(c) if c is not None else 0.00054 * math.sqrt(math.prod(self.sample_shape))

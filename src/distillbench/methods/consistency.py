@@ -129,7 +129,8 @@ class ConsistencyMethod(DistillationMethod):
     settings = {"sample_steps": integer(ge=1), "sample_sigmas": optional(positive_list),
                 "optimizer": one_of(*OPTIMIZERS), "lr": POSITIVE, "betas": betas, "eps": POSITIVE,
                 "warmup_kimg": number(ge=0), "grad_clip": OPTIONAL_POSITIVE,
-                "ema_halflife_kimg": number(ge=0), "ema_rampup_ratio": optional(number(ge=0))}  # fmt: skip
+                "ema_halflife_kimg": number(ge=0), "ema_rampup_ratio": optional(number(ge=0)),
+                "duration_kimg": POSITIVE}  # fmt: skip
 
     @classmethod
     def check_config(cls, method: DictConfig) -> None:
@@ -155,14 +156,13 @@ class ConsistencyMethod(DistillationMethod):
         grad_clip: float | None = None,
         ema_halflife_kimg: float = 2.0,
         ema_rampup_ratio: float | None = 0.05,
+        batch_size: int = 64,
+        duration_kimg: float = 12.0,
         seed: int = 0,
     ):
-        super().__init__(teacher, seed)
+        self.check_arguments(locals())
+        super().__init__(teacher, seed, batch_size, duration_kimg)
         sample_sigmas = None if sample_sigmas is None else list(sample_sigmas)
-        self.check_arguments(sample_steps=sample_steps, sample_sigmas=sample_sigmas, optimizer=optimizer,
-                             lr=lr, betas=list(betas), eps=eps, warmup_kimg=warmup_kimg,
-                             grad_clip=grad_clip, ema_halflife_kimg=ema_halflife_kimg,
-                             ema_rampup_ratio=ema_rampup_ratio)  # fmt: skip
         self.save_hyperparameters(ignore=["teacher", "student"])
         self.sigma_min, self.sigma_max = float(teacher.sigma_min), float(teacher.sigma_max)
         self.sample_levels = sampling_sigmas(sample_steps, sample_sigmas, self.sigma_min, self.sigma_max)
@@ -177,10 +177,11 @@ class ConsistencyMethod(DistillationMethod):
         """One call of the consistency function per sampling step."""
         return len(self.sample_levels)
 
-    def fit_budget(self, tfe: float, batch_size: int) -> float:
-        """Whole steps that spend at most ``tfe`` (at least one); their kimg."""
-        steps = max(1, math.floor(tfe / (batch_size * self.tfe_per_sample())))
-        return steps * batch_size / 1000
+    def fit_budget(self, tfe: float) -> float:
+        """Train for the whole steps that spend at most ``tfe`` (at least one); their kimg."""
+        steps = max(1, math.floor(tfe / (self.batch_size * self.tfe_per_sample())))
+        self.duration_kimg = steps * self.batch_size / 1000
+        return self.duration_kimg
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels=None, steps: int | None = None) -> torch.Tensor:

@@ -49,7 +49,7 @@ class ECT(ConsistencyMethod):
         double_kimg: float = 3200.0,
         **kwargs,
     ):
-        self.check_arguments(p_mean=p_mean, p_std=p_std, q=q, k=k, b=b, c=c, double_kimg=double_kimg)
+        self.check_arguments(locals())
         super().__init__(teacher, student, **kwargs)
         self.p_mean, self.p_std, self.q, self.k, self.b, self.c = p_mean, p_std, q, k, b, c
         self.double_kimg = float(double_kimg)
