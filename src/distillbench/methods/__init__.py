@@ -1,18 +1,22 @@
 """Distillation strategies. Score-based one-step methods share :class:`ScoreDistillation`; each adds only
-its generator loss (``sim.py``, ``sid.py``, ``di.py``). Progressive (and guided) distillation train a
-few-step student on real data (``progressive.py``, ``guided.py``). Direct distillation trains a NAFNet on
-teacher trajectories (``direct.py``)."""
+its generator loss (``sim.py``, ``sid.py``, ``di.py``), or also its fake-score loss and step (``dmd2.py``,
+``sida.py``, with an adversarial term on the fake network's bottleneck). Progressive (and guided)
+distillation train a few-step student on real data (``progressive.py``, ``guided.py``). Direct distillation
+trains a NAFNet on teacher trajectories (``direct.py``)."""
 
 from distillbench.methods.base import DistillationMethod
 from distillbench.methods.di import DiffInstruct
 from distillbench.methods.direct import DirectDistillation
+from distillbench.methods.dmd2 import DMD2
 from distillbench.methods.guided import GuidedDistillation
 from distillbench.methods.progressive import ProgressiveDistillation
 from distillbench.methods.score import ScoreDistillation
 from distillbench.methods.sid import SiD
+from distillbench.methods.sida import SiDA
 from distillbench.methods.sim import SIM
 
 __all__ = [
+    "DMD2",
     "DistillationMethod",
     "DiffInstruct",
     "DirectDistillation",
@@ -21,4 +25,5 @@ __all__ = [
     "SIM",
     "ScoreDistillation",
     "SiD",
+    "SiDA",
 ]
