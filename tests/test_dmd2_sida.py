@@ -178,3 +178,139 @@ def test_sida_fake_loss_is_its_formula():
         logit, torch.full_like(logit, y), reduction="none").mean((1, 2, 3))  # fmt: skip
     expected = lam * ((d - x_g) ** 2).sum((1, 2, 3)) + 0.7 * lam * (bce(logit_r, 1.0) + bce(logit_g, 0.0)) / 2
     torch.testing.assert_close(loss, expected, **TOL)
+
+
+# ---- one step, passes, modes -------------------------------------------------------------------------------
+CASES = {  # name: (class, constructor arguments)
+    "dmd2": (DMD2, {}),
+    "dmd2_gan": (DMD2, {"gan": True}),
+    "sida": (SiDA, {"gan_start_kimg": 0}),
+}
+
+
+def make(name: str, **kwargs):
+    cls, arguments = CASES[name]
+    return cls(tiny_teacher(), **{"batch_size": 4, "fake_updates": 2, **arguments, **kwargs})
+
+
+def fit_steps(method, steps: int = 1) -> L.Trainer:
+    """Train ``steps`` generator steps on digits batches: real images where the method trains on them."""
+    batch = method.hparams.batch_size
+    digits = DigitsDataModule(batch_size=batch)
+    data = digits if method.trains_on_real_data else NoiseDataModule(like=digits, batch_size=batch)
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KimgBudget(steps * batch / 1000)])  # fmt: skip
+    trainer.fit(method, datamodule=data)
+    return trainer
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_one_step_moves_generator_fake_ema_and_head_and_checkpoints_them(name, tmp_path):
+    method = make(name, lr=1e-3, ema_halflife_kimg=0.001, ema_rampup_ratio=None)
+    nets = ["generator", "fake", "ema"] + (["head"] if name == "dmd2_gan" else [])
+    before = {k: params(getattr(method, k)) for k in nets}
+    teacher_before = params(method.teacher)
+    trainer = fit_steps(method)
+    assert int(method.gen_steps) == 1 and method.kimg == pytest.approx(0.004)
+    assert trainer.global_step == 3, "two ψ-steps and one θ-step"
+    for k in nets:
+        assert not torch.equal(params(getattr(method, k)), before[k]), f"{k} did not move"
+    assert not torch.equal(params(method.ema), params(method.generator))
+    torch.testing.assert_close(params(method.teacher), teacher_before)
+
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert not any("teacher" in k for k in checkpoint["state_dict"]), "the teacher stays out"
+    assert len(checkpoint["optimizer_states"]) == 2
+    fresh = make(name)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    for k in nets:
+        torch.testing.assert_close(params(getattr(fresh, k)), params(getattr(method, k)))
+
+
+@pytest.mark.parametrize(
+    ("name", "passes", "head"),
+    [  # (generator, fake score, teacher) as (forwards, backwards) per generator image, at 2 ψ-steps
+        ("dmd2", [(3, 1), (3, 2), (1, 0)], None),  # φ and ψ without gradient in the θ-step
+        ("dmd2_gan", [(3, 1), (8, 7), (1, 0)], (5, 5)),  # + ψ and the head on real and generated images
+        ("sida", [(3, 1), (5, 5), (1, 1)], None),  # + ψ on real images in each ψ-step
+    ],
+)
+def test_the_anatomy_is_the_passes_the_step_makes(name, passes, head):
+    """Forwards counted at the networks; ψ's backwards at its first encoder block, which every backward of ψ
+    passes, those from the logits alone (which run through the encoder only) included."""
+    method = make(name)
+    counters = [SampleCounter(m.net) for m in (method.generator, method.fake, method.teacher)]
+    in_encoder = SampleCounter(method.fake.net.unet.down_blocks[0].resnets[0])
+    heads = SampleCounter(method.head) if head else None
+    fit_steps(method)
+    counted = [(c.forward, c.backward) for c in counters]
+    counted[1] = (counters[1].forward, in_encoder.backward)
+    assert counted == [(4 * f, 4 * b) for f, b in passes]
+    anatomy = {id(net): (f, b) for net, f, b in method.anatomy()}
+    assert [anatomy[id(m)] for m in (method.generator, method.fake, method.teacher)] == passes
+    if head:
+        assert (heads.forward, heads.backward) == (4 * head[0], 4 * head[1]) and anatomy[id(method.head)] == head
+    assert float(method.tfe) == pytest.approx(4 * method.cost_of(method.anatomy()))
+
+
+def test_sida_counts_no_generator_passes_while_the_generator_waits():
+    method = make("sida", generator_start_kimg=1.0)
+    before = params(method.generator)
+    counters = [SampleCounter(m.net) for m in (method.generator, method.teacher)]
+    fit_steps(method)
+    assert [(c.forward, c.backward) for c in counters] == [(8, 0), (0, 0)], "two ψ-steps' G forwards only"
+    assert torch.equal(params(method.generator), before)
+    assert [(f, b) for _, f, b in method.anatomy()] == [(2, 0), (4, 4), (0, 0)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_each_step_runs_its_networks_in_the_modes_of_the_official_loop(name):
+    """docs/algorithms.md §9: ψ-step: ψ trains, G in eval mode; θ-step: G trains, ψ (and the head) in eval."""
+    method = make(name, fake_updates=1)
+    seen = []
+    nets = {"generator": method.generator, "fake": method.fake}
+    if name == "dmd2_gan":
+        nets["head"] = method.head
+    for net_name, net in nets.items():
+        net.register_forward_hook(lambda m, i, o, n=net_name: seen.append((n, m.training)))
+    fit_steps(method)
+    phases = {"dmd2": 2, "dmd2_gan": 6, "sida": 3}[name]  # forwards of the ψ-step
+    fake_step, gen_step = seen[:phases], seen[phases:]
+    assert fake_step[0] == ("generator", False) and all(mode for n, mode in fake_step[1:]), fake_step
+    assert gen_step[0] == ("generator", True) and all(not mode for n, mode in gen_step[1:]), gen_step
+    assert any(n == "fake" for n, _ in gen_step)
+
+
+def test_the_bottleneck_of_each_backbone():
+    """DMD2's head reads (B, C, H, W) features of the UNet's mid block and of SongUNet's last encoder block,
+    (B, C) of the MLP's last hidden layer, and gives one logit per sample."""
+    song = EDMDenoiser(SongUNet(8, 1, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
+                                dropout=0.0), (1, 8, 8))  # fmt: skip
+    mlp = EDMDenoiser(MLPBackbone(dim=2, hidden=16), (2,))
+    for denoiser, shape in ((tiny_teacher(), (2, 16, 4, 4)), (song, (2, 16, 4, 4)), (mlp, (2, 16))):
+        method = DMD2(freeze(denoiser), batch_size=2, gan=True)
+        seen = []
+        bottleneck_of(method.fake).register_forward_hook(lambda m, i, o: seen.append(o))
+        method.rng = torch.Generator().manual_seed(0)
+        logit = method.logit(torch.randn(2, *denoiser.sample_shape), None, method.fake, method.head)
+        assert tuple(seen[-1].shape) == shape and logit.shape == (2,)
+    with pytest.raises(ConfigError, match="no known bottleneck"):
+        DMD2(freeze(EDMDenoiser(torch.nn.Linear(2, 2), (2,))), gan=True)
+
+
+def test_bad_settings_fail_with_the_key_named():
+    with pytest.raises(ConfigError, match="method.fake_updates"):
+        compose_and_validate("method=dmd2", "method.fake_updates=0")
+    with pytest.raises(ConfigError, match="method.gan_weight_g"):
+        compose_and_validate("method=sida", "method.gan_weight_g=-1")
+    with pytest.raises(ConfigError, match="method.dm_min"):
+        DMD2(tiny_teacher(), dm_min=0.9, dm_max=0.1)
+
+
+def compose_and_validate(*overrides: str):
+    from distillbench.validation import validate_train_config
+
+    validate_train_config(compose("train", list(overrides)))
