@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 
-import hydra
 import lightning as L
 import pytest
 import torch
@@ -25,6 +24,15 @@ from distillbench.samplers.schedules import karras
 from distillbench.teachers.denoiser import EDMDenoiser, freeze
 from tests.helpers import compose
 from tests.test_budget import SampleCounter
+from tests.test_learning import (  # noqa: F401 (cache_dir, deterministic_torch, floor_width: fixtures)
+    COMMON,
+    COVERAGE,
+    FID,
+    GAP,
+    cache_dir,
+    deterministic_torch,
+    floor_width,
+)
 from tests.test_methods import params, tiny_teacher
 
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -198,8 +206,8 @@ def fit_steps(method, steps: int = 1) -> L.Trainer:
     batch = method.hparams.batch_size
     digits = DigitsDataModule(batch_size=batch)
     data = digits if method.trains_on_real_data else NoiseDataModule(like=digits, batch_size=batch)
-    trainer = L.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[KimgBudget(steps * batch / 1000)])  # fmt: skip
     trainer.fit(method, datamodule=data)
     return trainer
@@ -289,13 +297,13 @@ def test_each_step_runs_its_networks_in_the_modes_of_the_official_loop(name):
 def test_the_bottleneck_of_each_backbone():
     """DMD2's head reads (B, C, H, W) features of the UNet's mid block and of SongUNet's last encoder block,
     (B, C) of the MLP's last hidden layer, and gives one logit per sample."""
-    song = EDMDenoiser(SongUNet(8, 1, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
-                                dropout=0.0), (1, 8, 8))  # fmt: skip
+    song = EDMDenoiser(SongUNet(8, 1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                                attn_resolutions=(), dropout=0.0), (1, 8, 8))  # fmt: skip
     mlp = EDMDenoiser(MLPBackbone(dim=2, hidden=16), (2,))
     for denoiser, shape in ((tiny_teacher(), (2, 16, 4, 4)), (song, (2, 16, 4, 4)), (mlp, (2, 16))):
         method = DMD2(freeze(denoiser), batch_size=2, gan=True)
-        seen = []
-        bottleneck_of(method.fake).register_forward_hook(lambda m, i, o: seen.append(o))
+        seen: list[torch.Tensor] = []
+        bottleneck_of(method.fake).register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
         method.rng = torch.Generator().manual_seed(0)
         logit = method.logit(torch.randn(2, *denoiser.sample_shape), None, method.fake, method.head)
         assert tuple(seen[-1].shape) == shape and logit.shape == (2,)
@@ -318,14 +326,12 @@ def compose_and_validate(*overrides: str):
     validate_train_config(compose("train", list(overrides)))
 
 
-# ---- learning on the analytic digits mixture -----------------------------------------------------------------
+# ---- learning on the analytic digits mixture ---------------------------------------------------------------
 # As tests/test_learning.py (its floor widths, metrics and fixtures): batch 32, lr 1e-4, 10 generator steps,
-# σ_init = 0.5 (noisy starting images, far from the law on every metric), one ψ-step per θ-step for DMD2 (the
-# paper's 5 would cost five times the ψ-steps), SiDA's GAN term on from the start. Measured here (seed 0) at
-# 15 steps: DMD2 FID 33.32 → 9.71, gap −4.22 → −1.92, coverage 0.473 → 0.164; SiDA 33.32 → 9.01, −4.22 → −1.91,
-# 0.473 → 0.165 (floor widths 1.90, 0.029, 0.055).
-from tests.test_learning import COMMON, COVERAGE, FID, GAP  # noqa: E402
-from tests.test_learning import cache_dir, deterministic_torch, floor_width  # noqa: E402, F401
+# σ_init = 0.5 (noisy starting images, far from the law on every metric), one ψ-step per θ-step for DMD2
+# (the paper's 5 would cost five times the ψ-steps), SiDA's GAN term on from the start. Measured here (seed 0)
+# at 15 steps: DMD2 FID 33.32 → 9.71, gap −4.22 → −1.92, coverage 0.473 → 0.164; SiDA 33.32 → 9.01,
+# −4.22 → −1.91, 0.473 → 0.165 (floor widths 1.90, 0.029, 0.055).
 
 LEARN = ["distill.duration_kimg=0.32", "eval.every_kimg=0.32", "method.batch_size=32", "method.lr=1e-4",
          "method.sigma_init=0.5"]  # fmt: skip
@@ -355,11 +361,11 @@ def test_a_short_budget_moves_the_student_towards_the_law(method, floor_width, c
 
 
 # ---- resume after a kill -----------------------------------------------------------------------------------
-# 10 generator steps of 32 on the toy 2-D mixture (exact teacher, MLP networks), a checkpoint after steps 5 and
-# 10; DMD2 with its GAN head (real data), SiDA with its GAN term from step 3 on
+# 10 generator steps of 32 on the toy 2-D mixture (exact teacher, MLP networks), a checkpoint after steps 5
+# and 10; DMD2 with its GAN head (real data), SiDA with its GAN term from step 4 on
 RESUME = ["data=toy2d", "distill.batch_size=32", "method.batch_size=32", "distill.duration_kimg=0.32",
-          "checkpoint.every_kimg=0.16", "eval.n=64", "eval.every_kimg=0.16", "eval.teacher=false", "logger=csv",
-          "trainer.deterministic=true"]  # fmt: skip
+          "checkpoint.every_kimg=0.16", "eval.n=64", "eval.every_kimg=0.16", "eval.teacher=false",
+          "logger=csv", "trainer.deterministic=true"]  # fmt: skip
 RESUMED = {"dmd2": ["method=dmd2", "method.gan=true", "method.fake_updates=2"],
            "sida": ["method=sida", "method.gan_start_kimg=0.1"]}  # fmt: skip
 
