@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import hydra
 import lightning as L
 import pytest
 import torch
@@ -408,3 +409,38 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_bit_for_bit(method, tmp
             assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["method"] == {"dmd2": "DMD2", "sida": "SiDA"}[method] and summary["gen_steps"] == 10
+
+
+# ---- paper configs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "cls", "shape", "classes", "fid"),
+    [
+        ("dmd2_imagenet64", DMD2, (3, 64, 64), 1000, "FID 1.51"),
+        ("sida_cifar10", SiDA, (3, 32, 32), 0, "FID 1.499"),
+    ],
+)
+def test_the_paper_configs_compose_with_the_papers_settings_and_instantiate(name, cls, shape, classes, fid):
+    from pathlib import Path
+
+    from distillbench.nets import UNetBackbone
+    from distillbench.validation import validate_train_config
+
+    cfg = compose("train", [f"experiment=paper/{name}"])
+    validate_train_config(cfg)
+    assert cfg.distill.batch_size == cfg.method.batch_size, "real batches as large as the generator's"
+    assert (
+        cfg.eval.n == 50_000
+        and fid in (Path(__file__).parents[1] / f"conf/experiment/paper/{name}.yaml").read_text()
+    )
+    torch.manual_seed(0)
+    net = UNetBackbone(shape[1], shape[0], (8, 16), 1, num_classes=classes, norm_num_groups=4)
+    stand_in = freeze(EDMDenoiser(net, shape, num_classes=classes))  # a tiny teacher of the paper's shape
+    method = hydra.utils.instantiate(cfg.method, teacher=stand_in)
+    assert type(method) is cls and method.trains_on_real_data
+    if cls is DMD2:
+        assert (method.hparams.lr, method.hparams.fake_updates, method.hparams.sigma_init) == (2e-6, 5, 80.0)
+        assert method.gan and method.grad_clip == 10.0 and method.head is not None
+        assert isinstance(method.configure_optimizers()[0], torch.optim.AdamW)
+    else:
+        assert (method.hparams.lr, method.alpha, method.gan_start_kimg, method.hparams.loss_scaling_g) == (
+            1e-5, 1.0, 200.0, 100.0)  # fmt: skip
