@@ -236,3 +236,134 @@ class BareECT:
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.student.parameters(), strict=True):
                 e.lerp_(p, 1 - 0.999)
+
+
+def grid_sigmas(levels: int = 1000) -> torch.Tensor:
+    """The ρ = 7 grid of ``levels`` σ from 0.002 up to 80 (small → large), as DMD2 indexes it."""
+    t = torch.linspace(0, 1, levels, dtype=torch.float64)
+    return ((SIGMA_MIN ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - SIGMA_MIN ** (1 / RHO))) ** RHO).float()
+
+
+def with_features(fake, x, sigma, labels):
+    """The fake network's output and its UNet's mid-block output (the digits networks' bottleneck)."""
+    seen = []
+    handle = fake.net.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o))
+    out = fake(x, sigma, labels)
+    handle.remove()
+    return out, seen[-1]
+
+
+class BareDMD2:
+    """DMD2 with its GAN (docs/algorithms.md §10): k ψ-steps (EDM-weighted fake loss on the grid, the head's
+    softplus losses on real and generated images), one θ-step (½·mean(x_g − sg(x_g − g))² and the head's
+    generator term), AdamW with a gradient-norm clip, and the generator EMA."""
+
+    def __init__(self, method):
+        self.teacher = method.teacher
+        self.generator, self.fake = copy.deepcopy(method.generator), copy.deepcopy(method.fake)
+        self.head, self.ema = copy.deepcopy(method.head), copy.deepcopy(method.ema)
+        h = method.hparams
+        self.sigma_init, self.batch, self.k, self.clip = h.sigma_init, h.batch_size, h.fake_updates, 10.0
+        self.sigmas, self.shape = grid_sigmas(), method.sample_shape
+        adamw = lambda params: torch.optim.AdamW(params, lr=h.lr, betas=tuple(h.betas), eps=h.eps,  # noqa: E731
+                                                 weight_decay=0.01)  # fmt: skip
+        self.opt_g = adamw(self.generator.parameters())
+        self.opt_f = adamw([*self.fake.parameters(), *self.head.parameters()])
+
+    def generate(self, z, labels):
+        return self.generator(self.sigma_init * z, torch.full((z.shape[0],), self.sigma_init), labels)
+
+    def logit(self, x, labels, g=None):  # the diffusion GAN over all 1000 levels
+        sigma = self.sigmas[torch.randint(0, 1000, (x.shape[0],), generator=g)]
+        x = x + column(sigma, x) * torch.randn(x.shape, generator=g)
+        _, features = with_features(self.fake, x, sigma, labels)
+        return self.head(features).flatten()
+
+    def generator_loss(self, x_g, labels, g=None) -> torch.Tensor:
+        with torch.no_grad():
+            sigma = self.sigmas[torch.randint(20, 981, (x_g.shape[0],), generator=g)]
+            x_t = x_g + column(sigma, x_g) * torch.randn(x_g.shape, generator=g)
+            p_real, p_fake = x_g - self.teacher(x_t, sigma, labels), x_g - self.fake(x_t, sigma, labels)
+            grad = torch.nan_to_num((p_real - p_fake) / p_real.abs().flatten(1).mean(1).reshape(-1, 1, 1, 1))
+        dm = 0.5 * ((x_g - (x_g - grad).detach()) ** 2).flatten(1).mean(1)
+        return (dm + 3e-3 * torch.nn.functional.softplus(-self.logit(x_g, labels, g))).mean()
+
+    def fake_loss(self, x_real, labels, g=None) -> torch.Tensor:
+        with torch.no_grad():
+            x_g = self.generate(torch.randn(x_real.shape, generator=g), labels)
+        sigma = self.sigmas[torch.randint(0, 1000, (x_g.shape[0],), generator=g)]
+        x_t = x_g + column(sigma, x_g) * torch.randn(x_g.shape, generator=g)
+        weight = column(sigma**-2 + self.fake.sigma_data**-2, x_g)
+        edm = (weight * (self.fake(x_t, sigma, labels) - x_g) ** 2).flatten(1).mean(1)
+        real, fake = self.logit(x_real, labels, g), self.logit(x_g, labels, g)
+        softplus = torch.nn.functional.softplus
+        return (edm + 1e-2 * (softplus(fake) + softplus(-real))).mean()
+
+    def step(self, x_real, labels) -> None:
+        for _ in range(self.k):
+            self.opt_f.zero_grad(set_to_none=True)
+            self.fake_loss(x_real, labels).backward()
+            torch.nn.utils.clip_grad_norm_([*self.fake.parameters(), *self.head.parameters()], self.clip)
+            self.opt_f.step()
+        for net in (self.fake, self.head):
+            net.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.generator_loss(self.generate(torch.randn(self.batch, *self.shape), labels), labels).backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.clip)
+        self.opt_g.step()
+        for net in (self.fake, self.head):
+            net.requires_grad_(True)
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
+                e.lerp_(p, 1 - 0.999)
+
+
+class BareSiDA(BareScore):
+    """SiDA (docs/algorithms.md §11): a ψ-step with EDM's loss summed over pixels and the encoder logit's BCE
+    on real and generated images at the same σ and noise, ψ's gradients clipped at ±1, then SiD's θ-step with
+    ½·L_SiD + ½·λ_G·pixels·BCE(clamp ℓ, 1)/w."""
+
+    def __init__(self, method):
+        super().__init__(method)
+        self.kind, self.alpha, self.weight_g = "SiD", method.alpha, method.gan_weight_g
+
+    def generator_loss(self, x_g, labels, g=None) -> torch.Tensor:
+        sigma = self.sigma(x_g.shape[0], g)
+        x_t = x_g + column(sigma, x_g) * torch.randn(x_g.shape, generator=g)
+        d_phi = self.teacher(x_t, sigma, labels)
+        d_psi, features = with_features(self.fake, x_t, sigma, labels)
+        w = (x_g - d_phi).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
+        gap = d_phi - d_psi
+        sid = rows_sum(gap * ((d_phi - x_g) - self.alpha * gap)) / w
+        logit = features.mean(1, keepdim=True).clamp(-10, 10)
+        gan = x_g[0].numel() * torch.nn.functional.softplus(-logit).flatten(1).mean(1) / w
+        return (0.5 * sid + 0.5 * self.weight_g * gan).mean()
+
+    def fake_loss(self, x_real, labels, g=None) -> torch.Tensor:
+        with torch.no_grad():
+            x_g = self.generate(torch.randn(x_real.shape, generator=g), labels)
+        sigma = (torch.randn((x_g.shape[0],), generator=g) * 1.2 - 1.2).exp()
+        noise = column(sigma, x_g) * torch.randn(x_g.shape, generator=g)
+        sd = self.fake.sigma_data
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        d, features_g = with_features(self.fake, x_g + noise, sigma, labels)
+        _, features_r = with_features(self.fake, x_real + noise, sigma, labels)
+        softplus = torch.nn.functional.softplus
+        bce = softplus(-features_r.mean(1)).flatten(1).mean(1) + softplus(features_g.mean(1)).flatten(1).mean(
+            1
+        )
+        return (weight * rows_sum((d - x_g) ** 2) + weight * bce / 2).mean()
+
+    def step(self, x_real, labels) -> None:
+        self.opt_f.zero_grad(set_to_none=True)
+        self.fake_loss(x_real, labels).backward()
+        torch.nn.utils.clip_grad_value_(self.fake.parameters(), 1.0)
+        self.opt_f.step()
+        self.fake.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.generator_loss(self.generate(torch.randn(self.batch, *self.shape), labels), labels).backward()
+        self.opt_g.step()
+        self.fake.requires_grad_(True)
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
+                e.lerp_(p, 1 - 0.999)

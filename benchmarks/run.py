@@ -3,10 +3,10 @@
 On the embedded digits setup (the shipped teacher, batch 64, the CPU trainer without progress bar) it
 measures, each as median and spread (min, max) over ``--repeats`` repeats:
 
-1. overhead: a distillbench training step (SIM, SiD, DI, progressive, direct, CD, ECT; through Lightning
-   with the train command's callbacks and CSV logging) against :mod:`benchmarks.bare`, the same network
-   passes on copies of the same networks and batch, interleaved step by step in one process, after checking
-   both compute the same loss on the same inputs; goal ≤ 1.05. A method that misses it is profiled
+1. overhead: a distillbench training step (SIM, SiD, DI, DMD2, SiDA, progressive, direct, CD, ECT; through
+   Lightning with the train command's callbacks and CSV logging) against :mod:`benchmarks.bare`, the same
+   network passes on copies of the same networks and batch, interleaved step by step in one process, after
+   checking both compute the same loss on the same inputs; goal ≤ 1.05. A method that misses it is profiled
    (torch.profiler over the timed steps, top operators of both loops);
 2. sampling: the one-step student against the teacher's Heun (35 NFE) and DPM-Solver++(2M) at 8 and 20
    steps, samples per second at batch 256; goal: the student ≥ 30× the 35-NFE teacher;
@@ -41,7 +41,16 @@ import lightning as L
 import torch
 from torch.utils.data import default_collate
 
-from benchmarks.bare import BareCD, BareDirect, BareECT, BareProgressive, BareScore, edm_fake_loss
+from benchmarks.bare import (
+    BareCD,
+    BareDirect,
+    BareDMD2,
+    BareECT,
+    BareProgressive,
+    BareScore,
+    BareSiDA,
+    edm_fake_loss,
+)
 from distillbench.callbacks import BatchTimer
 from distillbench.teachers.training import edm_loss
 from distillbench.utils.io import atomic_write_json, atomic_write_text
@@ -54,6 +63,8 @@ METHODS = {
     "sim": ["method=sim"],
     "sid": ["method=sid"],
     "di": ["method=di"],
+    "dmd2": ["method=dmd2", "method.gan=true"],  # 5 ψ-steps per θ-step, the GAN on real digits
+    "sida": ["method=sida", "method.gan_start_kimg=0"],  # its GAN term on from the first step
     "progressive": ["method=progressive", "method.n_start=4", "method.stage_kimg=null",
                     "method.stage_iterations=1000000"],
     "direct": ["method=direct", "data=trajectories", "+data@data.like=digits", "teacher=digits",
@@ -150,6 +161,15 @@ def bare_loop(name: str, run):
         bare, probs = BareScore(method), data.label_distribution
         batch = method.hparams.batch_size
         return bare, lambda: bare.step(torch.multinomial(probs, batch, replacement=True))
+    if name in ("dmd2", "sida"):
+        bare, (x, labels) = (BareDMD2 if name == "dmd2" else BareSiDA)(method), data.arrays("train")
+        batch = method.batch_size
+
+        def step():
+            rows = torch.randperm(len(x))[:batch]
+            bare.step(x[rows], labels[rows])
+
+        return bare, step
     if name in ("progressive", "cd", "ect"):
         bare = {"progressive": BareProgressive, "cd": BareCD, "ect": BareECT}[name](method)
         x, labels = data.arrays("train")
@@ -199,6 +219,22 @@ def same_losses(name: str, run, bare) -> dict[str, float]:
                 method.fake, x_g, labels, normal=lambda shape: method.randn(*shape)
             ).mean()
             fake_ours = edm_fake_loss(bare.fake, x_g, labels, torch.Generator().manual_seed(seed))
+        return {"framework": float(framework), "bare": float(ours), "fake_framework": float(fake_framework),
+                "fake_bare": float(fake_ours)}  # fmt: skip
+    if name in ("dmd2", "sida"):
+        perturb_fake_score(method, bare)
+        x, labels = (t[:8] for t in run.datamodule.arrays("train"))
+        z = torch.randn(8, *method.sample_shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            x_g = method.generate(z, labels)
+            method.rng = torch.Generator().manual_seed(seed)
+            framework = method.generator_loss(x_g, labels).mean()
+            ours = bare.generator_loss(x_g, labels, torch.Generator().manual_seed(seed))
+            x, labels = (
+                t[: method.batch_per_device] for t in run.datamodule.arrays("train")
+            )  # a whole batch
+            fake_framework = method.fake_loss(x, labels, 0).mean()  # ψ-step 0's stream, keyed by the step
+            fake_ours = bare.fake_loss(x, labels, method.stream_for("fake", 0))
         return {"framework": float(framework), "bare": float(ours), "fake_framework": float(fake_framework),
                 "fake_bare": float(fake_ours)}  # fmt: skip
     if name == "progressive":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distillbench.callbacks import KimgBudget
-from distillbench.methods import ECT, ConsistencyDistillation
+from distillbench.methods import DMD2, ECT, ConsistencyDistillation
 from distillbench.methods.accounting import forward_equivalents
 from distillbench.methods.progressive import ProgressiveDistillation
 from distillbench.teachers.denoiser import freeze
@@ -43,11 +43,13 @@ class SampleCounter:
         ("sid", 1, [(2, 1), (2, 2), (1, 1)], 13),
         ("di", 1, [(2, 1), (2, 1), (1, 0)], 9),  # D_φ and D_ψ held constant in the θ-step: 5 and 2
         ("sim", 2, [(3, 1), (3, 3), (1, 1)], 17),  # two ψ-steps per θ-step
+        ("dmd2", 1, [(2, 1), (2, 1), (1, 0)], 9),  # DI's passes (no gradient through φ and ψ)
+        ("dmd2", 5, [(6, 1), (6, 5), (1, 0)], 25),  # the paper's two time-scale rule
     ],
 )
 def test_score_methods_count_the_passes_their_step_makes(name, fake_updates, passes, per_image):
     teacher = tiny_teacher()
-    method = METHODS[name](teacher, batch_size=4, fake_updates=fake_updates)
+    method = {**METHODS, "dmd2": DMD2}[name](teacher, batch_size=4, fake_updates=fake_updates)
     counters = [SampleCounter(m.net) for m in (method.generator, method.fake, teacher)]
     fit_one_step(method)
     assert [(c.forward, c.backward) for c in counters] == [(4 * f, 4 * b) for f, b in passes]

@@ -203,8 +203,11 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
         self.dropped_samples += (~ok).sum()
         return torch.where(ok, per_sample, 0.0).sum() / ok.sum().clamp_min(1)
 
-    def step_optimizer(self, opt, loss, params, scale: float = 1.0, lr=None, grad_clip=None) -> None:
-        """One guarded update: set ``lr``, backward of scale·loss, repair non-finite gradients, clip, step.
+    def step_optimizer(
+        self, opt, loss, params, scale: float = 1.0, lr=None, grad_clip=None, grad_clip_value=None
+    ) -> None:
+        """One guarded update: set ``lr``, backward of scale·loss, repair non-finite gradients, clip (the norm
+        at ``grad_clip``, each entry at ±``grad_clip_value``), step.
 
         Methods pass their configured ``lr`` at every step: a resumed run's optimiser state carries the rate
         it was saved with, and a rate changed on resume must take effect."""
@@ -217,6 +220,8 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
         self.repair_gradients(params)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, grad_clip_value)
         opt.step()
         if torch.is_autocast_enabled(self.device.type):
             # Lightning's autocast spans the whole training step, and autocast's cache of low-precision
