@@ -146,6 +146,14 @@ def test_main_job_writes_the_output_contract(tmp_path):
     train = pd.read_csv(folder / "metrics.csv").dropna(subset=["train/loss_gen"])
     assert train["train/gen_step"].tolist() == [3.0], "train scalars on Lightning's log steps: here the last"
     assert "SIM on digits" in proc.stdout and "student" in proc.stdout
+    # best.ckpt holds the evaluation with the lowest FID, and the summary says where its figures come from
+    rows = pd.read_csv(folder / "eval.csv")
+    best = rows.loc[rows["fid_clf@64"].idxmin()]
+    assert summary["figures_from"] == "checkpoints/last.ckpt"
+    assert summary["best"]["metric"] == "fid_clf@64" and summary["best"]["gen_step"] == best["gen_step"]
+    assert summary["best"]["value"] == pytest.approx(best["fid_clf@64"])
+    state = torch.load(folder / "checkpoints" / "best.ckpt", weights_only=False)
+    assert int(state["state_dict"]["gen_steps"]) == best["gen_step"]
 
 
 def test_bf16_mixed_precision_trains_fp32_weights_through_bf16_networks(tmp_path):

@@ -22,6 +22,8 @@ GRIDS = "grids"
 CHECKPOINTS = "checkpoints"
 #: the newest checkpoint, inside :data:`CHECKPOINTS`
 LAST_CHECKPOINT = "last.ckpt"
+#: the weights with the best tracked metric so far (``checkpoint.best``), inside :data:`CHECKPOINTS`
+BEST_CHECKPOINT = "best.ckpt"
 #: the W&B run id, kept with the checkpoints so a resumed run continues the same W&B run
 WANDB_ID = f"{CHECKPOINTS}/wandb_id.txt"
 #: files that only a run writes; any of them in a folder means the folder holds a run

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distillbench import run_folder
 from distillbench.callbacks import (
+    BestCheckpoint,
     KimgBudget,
     KimgProgressBar,
     NonFiniteGuard,
@@ -109,10 +110,15 @@ def build(cfg: DictConfig) -> Run:
     metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.eval.n)
     evaluation = PeriodicEvaluation(metrics, datamodule, cfg.eval.every_kimg, cfg.eval.n, cfg.eval.noise_seed,
                                     cfg.eval.batch_size, cfg.eval.grid_size, output_dir(cfg))  # fmt: skip
+    callbacks = [evaluation]
+    if cfg.checkpoint.best is not None:  # after the evaluation, whose rows it reads
+        callbacks.append(
+            BestCheckpoint(output_dir(cfg) / run_folder.CHECKPOINTS, evaluation, cfg.checkpoint.best)
+        )
     if method.staged:  # it stops itself after its last stage
-        callbacks = [evaluation, StageEvaluation(evaluation)]
+        callbacks.append(StageEvaluation(evaluation))
     else:
-        callbacks = [evaluation, KimgBudget(method.planned_kimg())]
+        callbacks.append(KimgBudget(method.planned_kimg()))
     ckpt_path = resume_point(cfg, teacher)  # before the loggers: it may restore the W&B run id
     guard = NonFiniteGuard(cfg.max_bad_steps, output_dir(cfg) / run_folder.CHECKPOINTS)
     checkpoints = RunCheckpoints(output_dir(cfg) / run_folder.CHECKPOINTS, cfg.checkpoint.every_kimg,
@@ -218,6 +224,11 @@ def train(cfg: DictConfig) -> dict:
     stages = next((c.history for c in trainer.callbacks if isinstance(c, StageEvaluation)), None)
     if stages is not None:
         summary["stages"] = stages
+    # the figures above are the final weights' (last.ckpt); the best evaluation's weights are best.ckpt
+    summary["figures_from"] = f"{run_folder.CHECKPOINTS}/{run_folder.LAST_CHECKPOINT}"
+    best = next((c.best for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
+    if best is not None:
+        summary["best"] = best
     if cfg.eval.teacher:
         teacher_figures, grid = evaluate_teacher(cfg, teacher, datamodule, metrics, method)
         save_samples_figure(grid, out / "teacher.png", title=f"teacher, {teacher_figures['nfe']} NFE")

@@ -52,6 +52,7 @@ SETTINGS: dict[str, Rule] = {
     "checkpoint.every_kimg": POSITIVE,
     "checkpoint.keep": integer(ge=1),
     "checkpoint.fallback": boolean,
+    "checkpoint.best": optional(one_of("fid", "kid", "is", "precision", "recall")),
     "eval.every_kimg": POSITIVE,
     "eval.curve_points": optional(integer(ge=1)),
     "eval.n": integer(ge=2),

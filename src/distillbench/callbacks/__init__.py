@@ -2,7 +2,7 @@
 non-finite guard, the run's checkpoints, the kimg progress bar and a batch timer."""
 
 from distillbench.callbacks.budget import KimgBudget
-from distillbench.callbacks.checkpoints import RunCheckpoints
+from distillbench.callbacks.checkpoints import BestCheckpoint, RunCheckpoints
 from distillbench.callbacks.evaluation import PeriodicEvaluation
 from distillbench.callbacks.nonfinite import NonFiniteGuard
 from distillbench.callbacks.progress import KimgProgressBar
@@ -15,6 +15,7 @@ __all__ = [
     "KimgProgressBar",
     "NonFiniteGuard",
     "PeriodicEvaluation",
+    "BestCheckpoint",
     "RunCheckpoints",
     "StageEvaluation",
 ]

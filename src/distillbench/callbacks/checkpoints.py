@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distillbench import run_folder
 from distillbench.errors import ConfigError
+from distillbench.sweeps import HIGHER_IS_BETTER, metric_kind
 from distillbench.utils.checkpoints import point_last_at, step_checkpoints
 from distillbench.utils.logging import WANDB_ID_FILE, count_rows, csv_files
 
@@ -125,3 +127,52 @@ class RunCheckpoints(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.next_kimg = float(state["next_kimg"])
+
+
+class BestCheckpoint(L.Callback):
+    """``<folder>/best.ckpt``: the run as it was at the evaluation with the best ``metric`` so far (a metric
+    kind such as ``fid``: its first column in the evaluation rows; lower is better unless the kind is one of
+    IS, precision, recall), written after that evaluation; ``best`` holds that row.
+
+    It reads the rows of ``evaluation`` (a :class:`~distillbench.callbacks.PeriodicEvaluation` listed before
+    it, so its rows of a batch are there when this runs) and writes on every rank (a collective under DDP).
+    The checkpoint is for sampling and evaluation (``evaluate run=<folder>/checkpoints/best.ckpt``); a run
+    resumes from ``last.ckpt``."""
+
+    def __init__(self, folder: str | Path, evaluation, metric: str = "fid"):
+        self.path = Path(folder) / run_folder.BEST_CHECKPOINT
+        self.evaluation, self.metric = evaluation, str(metric)
+        self.best: dict | None = None
+        self.seen = 0
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.metric in HIGHER_IS_BETTER else value < than
+
+    def consider(self, trainer) -> None:
+        rows = self.evaluation.history
+        for row in rows[self.seen :]:
+            column = next((k for k in row if "@" in k and metric_kind(k) == self.metric), None)
+            value = None if column is None else row[column]
+            if value is not None and np.isfinite(value):
+                if self.best is None or self.better(value, self.best["value"]):
+                    self.best = {"metric": column, "value": float(value), "kimg": row["kimg"],
+                                 "gen_step": row["gen_step"], "checkpoint": f"{run_folder.CHECKPOINTS}/"
+                                 f"{run_folder.BEST_CHECKPOINT}"}  # fmt: skip
+                    trainer.save_checkpoint(self.path)
+        self.seen = len(rows)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if len(self.evaluation.history) > self.seen:
+            self.consider(trainer)
+
+    def on_train_start(self, trainer, pl_module):
+        self.consider(trainer)  # the evaluation at kimg 0
+
+    def on_train_end(self, trainer, pl_module):
+        self.consider(trainer)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.seen = state["best"], int(state["seen"])
