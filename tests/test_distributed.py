@@ -75,6 +75,26 @@ def test_a_ddp_sim_run_matches_one_process_with_the_same_global_batch(tmp_path):
     assert summary["gen_steps"] == 4 and summary["student"]["nfe"] == 1
 
 
+@pytest.mark.parametrize(
+    ("method", "networks"),
+    [(["method=dmd2", "method.gan=true", "method.fake_updates=2"], ("generator.", "fake.", "head.")),
+     (["method=cd"], ("student.", "target.", "ema."))],
+    ids=["dmd2-gan", "cd"],
+)  # fmt: skip
+def test_the_new_methods_train_under_ddp_with_each_network_wrapped(tmp_path, method, networks):
+    """Two gloo processes, each trained network in its own DDP (DMD2's GAN head with the fake score): the run
+    finishes its steps (no unused-parameter or collective mismatch) and every network stays finite."""
+    run = run_folder(run_cli("distillbench.train", *TINY, *method, "trainer=ddp_sim",
+                             "method.duration_kimg=0.032", f"hydra.run.dir={tmp_path / 'run'}",
+                             cwd=tmp_path))  # fmt: skip
+    weights = state(run)
+    assert int(weights["gen_steps"]) == 2
+    for prefix in networks:
+        tensors = [v for k, v in weights.items() if k.startswith(prefix) and v.is_floating_point()]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors), prefix
+    assert (run / "train_rank1.log").is_file()
+
+
 def test_a_ddp_sim_run_resumed_from_its_middle_checkpoint_ends_as_the_whole_run(tmp_path):
     """Each rank restores its RNG states and data position; rank 0 cuts metrics.csv back to the checkpoint."""
     settings = [*TINY, "trainer=ddp_sim", "method.duration_kimg=0.128", "checkpoint.every_kimg=0.064"]
