@@ -90,7 +90,7 @@ class RunCheckpoints(L.Callback):
     def save(self, trainer, pl_module) -> Path:
         """Write the step checkpoint (every rank takes part), point ``last.ckpt`` at it, prune old ones."""
         path = self.folder / f"step_{int(pl_module.gen_steps):07d}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole run state
         if trainer.is_global_zero:
             point_last_at(path)
             for old in step_checkpoints(self.folder)[self.keep :]:
@@ -158,7 +158,7 @@ class BestCheckpoint(L.Callback):
                     self.best = {"metric": column, "value": float(value), "kimg": row["kimg"],
                                  "gen_step": row["gen_step"], "checkpoint": f"{run_folder.CHECKPOINTS}/"
                                  f"{run_folder.BEST_CHECKPOINT}"}  # fmt: skip
-                    trainer.save_checkpoint(self.path)
+                    trainer.save_checkpoint(self.path, weights_only=False)
         self.seen = len(rows)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

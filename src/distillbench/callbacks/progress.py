@@ -3,7 +3,10 @@ and the step's metrics on the same line (Lightning's own bar counts batches of a
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class KimgProgressBar(TQDMProgressBar):
@@ -22,10 +25,10 @@ class KimgProgressBar(TQDMProgressBar):
         self.total_kimg = None if total_kimg is None else float(total_kimg)
 
     def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.total = self.total_kimg  # before the format that prints it
-        bar.bar_format = self.TRAIN_FORMAT if self.total_kimg else self.OPEN_FORMAT
-        return bar
+        """Lightning's training bar, made with this format and total (a bar prints when it is made)."""
+        return Tqdm(desc="train", total=self.total_kimg, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.TRAIN_FORMAT if self.total_kimg else self.OPEN_FORMAT)  # fmt: skip
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         if self._leave:

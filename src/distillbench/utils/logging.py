@@ -130,5 +130,10 @@ def instantiate_loggers(logger_cfg: DictConfig | None, run_dir: str | Path | Non
             check_tensorboard()
         kwargs = wandb_kwargs(conf, None if run_dir is None else Path(run_dir)) if name == "wandb" else {}
         if kwargs is not None:
-            loggers.append(hydra.utils.instantiate(conf, **kwargs))
+            logger = hydra.utils.instantiate(conf, **kwargs)
+            init = getattr(logger, "_wandb_init", {})
+            if init.get("anonymous", False) is None:
+                # Lightning passes anonymous=None, which W&B answers with a warning nobody can act on
+                del init["anonymous"]
+            loggers.append(logger)
     return loggers
