@@ -17,7 +17,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from matplotlib import pyplot as plt
 
-from distillbench import run_folder
+from distillbench import run_folder, stats
 from distillbench.metrics.suite import PROTOCOL
 
 EVAL_FILE = run_folder.EVALUATIONS
@@ -100,14 +100,19 @@ def load_wandb_group(group: str, project: str = "distillbench", api=None) -> pd.
 
 
 def summary_table(frame: pd.DataFrame, metric: str = "fid", by=None) -> pd.DataFrame:
-    """Final and best value of ``metric`` per job, then mean and std over the jobs sharing ``by`` (seeds)."""
+    """Final and best value of ``metric`` per job, then over the jobs sharing ``by`` (seeds): mean, std
+    (ddof = 1), count and ``ci``, the half-width of the 95% t interval (:mod:`distillbench.stats`)."""
     column = metric_column(frame, metric)
     by = list(by) if by is not None else [k for k in swept_keys(frame) if k not in SEED_KEYS]
     ordered = frame.sort_values("kimg")
     best = "max" if metric in HIGHER_IS_BETTER else "min"
     per_job = ordered.groupby("job").agg(final=(column, "last"), best=(column, best))
     per_job = per_job.join(ordered.groupby("job")[by].first())
-    return per_job.groupby(by)[["final", "best"]].agg(["mean", "std", "count"])
+
+    def ci(values) -> float:
+        return stats.interval(values).half_width
+
+    return per_job.groupby(by)[["final", "best"]].agg(["mean", "std", "count", ci])
 
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
@@ -121,9 +126,15 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
     return [c for c in override_columns(frame) if frame.groupby("job")[c].first().nunique() > 1]
 
 
+#: kinds whose names hold underscores (the ground-truth metrics, named without an extractor)
+COMPOUND_KINDS = ("log_density_gap", "coverage_tv", "clamped_fraction")
+
+
 def metric_kind(name: str) -> str:
-    """A metric's kind from its full name: ``fid_clf@1k`` → ``fid``."""
-    return name.split("@")[0].split("_")[0]
+    """A metric's kind from its full name: ``fid_clf@1k`` → ``fid``, ``log_density_gap@1k`` →
+    ``log_density_gap``."""
+    base = name.split("@")[0]
+    return next((kind for kind in COMPOUND_KINDS if base == kind), base.split("_")[0])
 
 
 def metric_column(frame: pd.DataFrame, kind: str) -> str | None:
