@@ -244,7 +244,7 @@ def test_a_toy_suite_writes_its_table_csv_and_figure_with_one_budget_and_noise(t
 TINY_GMM = ["suite=gmm_digits", "~suite.methods.sid", "~suite.methods.di", "~suite.methods.progressive",
             "~suite.methods.direct", "suite.budget_tfe=330", "suite.seeds=[0,1]",
             "suite.eval.noise_seeds=[0,1]", "suite.eval.n=128", "suite.eval.batch_size=128",
-            "suite.eval.curve_points=1", "suite.teacher_samplers={heun:[2]}",
+            "suite.eval.curve_points=1", "~suite.teacher_samplers.dpmpp2m", "suite.teacher_samplers.heun=[2]",
             'suite.train=["data=gmm_digits","teacher=gmm_digits","metrics=gmm_digits",'
             '"distill.batch_size=16"]']  # fmt: skip
 
