@@ -3,7 +3,7 @@
 Each training job writes ``eval.csv`` (one row per evaluation: kimg, gen_step and the metrics) into its own
 folder; :class:`SweepSummary`, a Hydra callback, runs when the sweep ends and writes into the sweep folder
 ``curves.csv`` (every job's rows, with the swept settings as columns) and ``curves.png`` (FID and IS against
-kimg: one panel per metric and ``panel`` value, one line per ``hue`` value, seeds as mean and min–max band).
+kimg: one panel per metric and ``panel`` value, one line per ``hue`` value, seeds as mean and 95% t band).
 The same functions load and draw any sweep folder from a notebook.
 """
 
@@ -162,8 +162,9 @@ def plot_sweep(
 ):
     """Metrics against kimg: a row of panels (each ``panel`` value × each metric), a line per ``hue`` value.
 
-    Runs that share hue and panel (seeds) are drawn as their mean with a min–max band. ``references`` maps
-    a metric column to a horizontal line (the teacher's value). Returns the figure (saved when ``path``).
+    Runs that share hue and panel (seeds) are drawn as their mean with its 95% t band (:mod:`stats`).
+    ``references`` maps a metric column to a horizontal line (the teacher's value). Returns the figure
+    (saved when ``path``).
     """
     hue, panel = choose_axes(frame, hue, panel)
     columns = [c for c in (metric_column(frame, m) for m in metrics) if c]
@@ -196,8 +197,9 @@ def _draw_lines(ax, frame: pd.DataFrame, column: str, hue: str | None, colors: d
         by_kimg = rows.groupby(rows["kimg"].round(3))[column]
         mean = by_kimg.mean()
         ax.plot(mean.index, mean.values, marker="o", ms=3, label=str(name), color=colors[name])
-        if rows["job"].nunique() > 1:
-            ax.fill_between(mean.index, by_kimg.min(), by_kimg.max(), color=colors[name], alpha=0.2)
+        if rows["job"].nunique() > 1:  # the 95% t interval over the seeds at each point
+            half = by_kimg.agg(lambda values: stats.interval(values).half_width).fillna(0.0)
+            ax.fill_between(mean.index, mean - half, mean + half, color=colors[name], alpha=0.2)
 
 
 def teacher_references(sweep_dir: Path) -> dict[str, float]:
