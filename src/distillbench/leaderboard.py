@@ -29,8 +29,9 @@ tied with the best method when Welch's t-test does not separate them at α = 0.0
 
 Resumable: a cell with ``summary.json`` is finished and skipped, one with a checkpoint resumes from it
 (``resume=<cell>``), anything else starts over. The outputs are rebuilt from the cells at the end:
-``leaderboard.md``, ``leaderboard.csv`` (one row per cell and noise set) and ``leaderboard.png`` (FID
-against training budget; each figure against sampling NFE, with intervals and the floor).
+``leaderboard.md``, ``leaderboard.csv`` (one row per cell and noise set), ``curves.csv`` (FID against the
+budget spent, per training cell) and ``leaderboard.png`` (FID against training budget; each figure against
+sampling NFE, with intervals and the floor).
 """
 
 from __future__ import annotations
@@ -585,7 +586,12 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
               "seeds": list(suite.seeds)}  # fmt: skip
     atomic_write_text(out_dir / "leaderboard.md", markdown(summary, suite, header, unit))
     title = f"{suite.name}: {suite.budget_tfe:.3g} {unit.name} per method"
-    plot(table, curves(suite, out_dir), out_dir / "leaderboard.png", title, unit)
+    per_method = curves(suite, out_dir)
+    frames = [f.assign(method=name, seed=seed) for name, found in per_method.items()
+              for seed, f in zip(suite.seeds, found, strict=True)]  # fmt: skip
+    with atomic_writer(out_dir / "curves.csv") as tmp:  # the figure's budget curves
+        pd.concat(frames, ignore_index=True)[["method", "seed", "tfe", "fid"]].to_csv(tmp, index=False)
+    plot(table, per_method, out_dir / "leaderboard.png", title, unit)
     return summary
 
 
