@@ -3,18 +3,32 @@ the passes its training step makes, counted with hooks per sample, and a TFE bud
 
 from __future__ import annotations
 
+import json
+import math
+from types import SimpleNamespace
+
+import hydra
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from distillbench.callbacks import KimgBudget
+from distillbench.config import ASSETS_DIR as ASSETS
 from distillbench.methods import DMD2, ECT, ConsistencyDistillation
-from distillbench.methods.accounting import forward_equivalents
+from distillbench.methods.accounting import (
+    ComputeUnit,
+    compute_unit,
+    forward_equivalents,
+    measure_forward_cost,
+    unit_of_config,
+)
 from distillbench.methods.progressive import ProgressiveDistillation
+from distillbench.teachers.analytic import analytic_teacher
 from distillbench.teachers.denoiser import freeze
-from tests.helpers import compose
+from tests.helpers import ROOT, compose
 from tests.test_methods import METHODS, fit_one_step, tiny_teacher
-from tests.test_progressive import fit, mlp_denoiser
+from tests.test_progressive import fit, mlp_denoiser, toy_data
 
 
 class SampleCounter:
@@ -122,3 +136,79 @@ def test_a_duration_scales_the_stages_together_and_every_command_honours_debug_f
     for method in ("sim", "progressive", "direct"):
         cfg = compose("train", [f"method={method}", "debug=fast"])
         assert cfg.method.duration_kimg == 0.128, method
+
+
+# ---- the unit with an analytic teacher: student-forward equivalents (SFE) ----------------------------------
+def gmm_digits_teacher(cost: dict | None):
+    from distillbench.teachers.gmm import gmm_teacher
+
+    return gmm_teacher(str(ASSETS / "teachers" / "gmm_digits"), cost=cost)
+
+
+def test_a_network_teacher_is_its_own_reference_and_an_analytic_one_names_the_student():
+    network = compute_unit(tiny_teacher())
+    assert network.name == "TFE" and network.teacher_forward == 1.0 and network.tfe_per_unit == 1.0
+    assert network.reference_parameters == sum(p.numel() for p in tiny_teacher().parameters())
+    cost = {"reference": "tiny UNet", "reference_parameters": 1000, "forward": 0.01}
+    analytic = compute_unit(gmm_digits_teacher(cost))
+    assert analytic == ComputeUnit("SFE", "tiny UNet", 1000, 0.01) and analytic.tfe_per_unit == pytest.approx(
+        100
+    )
+    assert compute_unit(gmm_digits_teacher(None)) == ComputeUnit("TFE", "teacher", 0, 1.0)  # every pass 1
+    assert unit_of_config(OmegaConf.create({"_target_": "x", "cost": cost})) == analytic
+    assert unit_of_config(OmegaConf.create({"_target_": "x", "path": "digits"})).name == "TFE"
+
+
+@pytest.mark.parametrize(("name", "per_image_networks", "teacher_passes"), [("sim", 10, 3), ("di", 8, 1)])
+def test_with_an_analytic_teacher_networks_count_by_the_student_and_teacher_calls_at_their_cost(
+    name, per_image_networks, teacher_passes
+):
+    student = tiny_teacher()
+    size = sum(p.numel() for p in student.parameters())
+    cost = {"reference": "tiny UNet", "reference_parameters": size, "forward": 0.01}
+    method = METHODS[name](gmm_digits_teacher(cost), batch_size=4, student=student)
+    # SIM: G 2 forwards 1 backward (4), ψ 2 and 2 (6), the teacher 1 and 1 (3 calls' worth at 0.01);
+    # DI: G 4, ψ 2 forwards 1 backward (4), the teacher 1 forward
+    per_image = per_image_networks + teacher_passes * 0.01
+    assert method.tfe_per_sample() == pytest.approx(per_image)
+    fit_one_step(method)
+    assert float(method.tfe) == pytest.approx(4 * per_image)
+    halved = METHODS[name](gmm_digits_teacher(cost | {"reference_parameters": 2 * size}), batch_size=4,
+                           student=student)  # fmt: skip
+    assert halved.tfe_per_sample() == pytest.approx(per_image_networks / 2 + teacher_passes * 0.01)
+
+
+def test_progressive_pays_the_analytic_teacher_s_calls_then_the_previous_student_s_forwards():
+    student = freeze(mlp_denoiser())
+    size = sum(p.numel() for p in student.parameters())
+    teacher = analytic_teacher(toy_data())  # the toy2d mixture, no parameters
+    teacher.cost = {"reference": "MLP", "reference_parameters": size, "forward": 0.02}
+    method = ProgressiveDistillation(teacher, student=student, n_start=2, stage_iterations=1, lr=1e-3)
+    assert [method.cost_of(method.stage_anatomy(s)) for s in (0, 1)] == pytest.approx([3 + 2 * 0.02, 3 + 2])
+
+
+def test_the_shipped_analytic_teachers_name_their_students_size_and_a_measured_cost(tmp_path):
+    for data in ("gmm_digits", "gmm_mnist"):
+        cfg = compose("train", [f"data={data}"])
+        student = hydra.utils.instantiate(cfg.student)
+        assert cfg.teacher.cost.reference_parameters == sum(p.numel() for p in student.parameters())
+        record = json.loads((ROOT / "experiments" / "leaderboard" / f"forward_cost_{data}.json").read_text())
+        assert record["reference_parameters"] == cfg.teacher.cost.reference_parameters
+        assert cfg.teacher.cost.forward == pytest.approx(record["forward"], abs=5e-5)  # as written, rounded
+    teacher = hydra.utils.instantiate(compose("train", ["data=gmm_digits"]).teacher)
+    measured = measure_forward_cost(teacher, student, batch_size=8, repeats=3)
+    assert 0 < measured["forward"] < 1, measured  # a mixture's call is cheaper than a UNet's forward
+
+
+def test_trajectories_are_charged_at_the_teacher_s_cost_in_the_run_s_unit(tmp_path):
+    from distillbench.train import plan_budget
+
+    student = tiny_teacher()
+    cost = {"reference": "tiny UNet", "reference_parameters": sum(p.numel() for p in student.parameters()),
+            "forward": 0.01}  # fmt: skip
+    method = METHODS["sim"](gmm_digits_teacher(cost), batch_size=4, student=student)
+    data = SimpleNamespace(manifest={"steps": 20, "splits": {"train": [{"count": 100}]}})
+    cfg = OmegaConf.create({"budget_tfe": 1000.0, "method": {"batch_size": 4}, "eval": {}})
+    plan_budget(cfg, method, data)
+    assert float(method.tfe) == pytest.approx(100 * 20 * 0.01)  # 2000 teacher calls, 20 SFE
+    assert cfg.method.duration_kimg == pytest.approx(math.floor(980 / (4 * 10.03)) * 4 / 1000)

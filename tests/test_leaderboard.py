@@ -22,11 +22,15 @@ from distillbench.leaderboard import (
     check_readme,
     check_suite,
     collect,
+    floor_overrides,
+    noise_sets,
     settle_cell,
     teacher_overrides,
     train_overrides,
 )
+from distillbench.methods.accounting import unit_of_config
 from distillbench.validation import validate_train_config
+from tests.helpers import compose as compose_config
 from tests.helpers import run_cli
 
 #: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
@@ -53,12 +57,31 @@ def test_bad_suites_fail_before_any_cell_runs(overrides, match):
         check_suite(suite("suite=toy2d", *overrides))
 
 
+SHIPPED = ["digits", "mnist", "cifar10", "toy2d", "gmm_digits", "gmm_mnist"]
+
+
 def test_every_shipped_suite_passes_its_checks():
-    for name in ("digits", "mnist", "cifar10", "toy2d"):
+    for name in SHIPPED:
         check_suite(suite(f"suite={name}"))
 
 
-@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "toy2d"])
+def test_the_gmm_suites_run_every_method_on_three_seeds_and_three_noise_sets_in_student_forwards():
+    for name in ("gmm_digits", "gmm_mnist"):
+        shipped = suite(f"suite={name}")
+        assert set(shipped.methods) == {"sim", "sid", "di", "progressive", "direct"}
+        assert len(shipped.seeds) >= 3 and len(noise_sets(shipped)) >= 3 and shipped.teacher_samplers
+        cfg = compose_config("train", train_overrides(shipped, "sim", 0, Path("/tmp")))
+        assert unit_of_config(cfg.teacher).name == "SFE" and cfg.teacher._target_.endswith("gmm_teacher")
+
+
+def test_evaluation_noise_sets_must_start_with_the_training_one_and_avoid_the_trajectories():
+    with pytest.raises(ConfigError, match=r"must start with suite.eval.noise_seed=0"):
+        check_suite(suite("suite=gmm_digits", "suite.eval.noise_seeds=[1,2]"))
+    with pytest.raises(ConfigError, match=r"trajectories start from noise_seed=100, one of the evaluation"):
+        check_suite(suite("suite=gmm_digits", "suite.eval.noise_seeds=[0,100]"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_every_cell_of_every_shipped_suite_composes_into_a_valid_command(name, tmp_path):
     shipped = suite(f"suite={name}")
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
@@ -70,6 +93,9 @@ def test_every_cell_of_every_shipped_suite_composes_into_a_valid_command(name, t
             overrides = teacher_overrides(shipped, sampler, steps[0], tmp_path)
             cfg = compose(config_name="evaluate", overrides=overrides)
             assert cfg.sampler.steps == steps[0] and cfg.n == shipped.eval.n
+            assert list(cfg.noise_seed) == noise_sets(shipped)
+        cfg = compose(config_name="evaluate", overrides=floor_overrides(shipped, tmp_path))
+        assert cfg.run == "floor" and list(cfg.noise_seed) == noise_sets(shipped)
 
 
 def test_a_cell_is_started_resumed_or_skipped_by_what_its_folder_holds(tmp_path):
@@ -113,23 +139,37 @@ def fake_cells(out: Path, protocol: dict) -> None:
     folder = out / "teacher" / "heun-2"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(shared | {"n": 64, "noise_seed": 0}))
-    row = {"nfe": 3, "fid": 0.2, "is": None, "precision": 0.9, "recall": 0.9, "samples_per_second": 99.0}
-    (folder / "summary.json").write_text(json.dumps(row | {"protocol": protocol}))
+    row = {"nfe": 3, "fid": 0.2, "is": None, "precision": 0.9, "recall": 0.9, "samples_per_second": 99.0,
+           "noise_seed": 0, "n": 64}  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps({"rows": [row | {"protocol": protocol}]}))
+    folder = out / "floor" / "cell"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(shared | {"n": 64, "noise_seed": [0]}))
+    floor = row | {"nfe": 0, "fid": 0.01}
+    (folder / "summary.json").write_text(json.dumps({"rows": [floor | {"protocol": protocol}]}))
 
 
 def test_cells_measured_under_another_protocol_or_none_are_refused(tmp_path):
     protocol = {"extractor": "data", "weights": None, "preprocessing": "flatten", "n": 64}
     fake_cells(tmp_path, protocol)
     table = collect(suite(*SMALL), tmp_path)
-    assert list(table["method"]) == ["sim", "sim", "teacher heun"]
+    assert list(table["method"]) == ["sim", "sim", "teacher heun", "floor"]
     assert set(table["protocol"]) == {json.dumps(protocol, sort_keys=True, separators=(",", ":"))}
 
+    cell = tmp_path / "cells" / "sim" / "seed1" / "summary.json"
+    spent = json.loads(cell.read_text())
+    for tfe, match in [(15001.0, "spent 15001 of its budget of 15000"), (11000.0, "spent 11000 of its")]:
+        cell.write_text(json.dumps(spent | {"tfe": tfe}))
+        with pytest.raises(ConfigError, match=match):  # over the budget; under it by more than the tolerance
+            collect(suite(*SMALL), tmp_path)
+    cell.write_text(json.dumps(spent))
+
     teacher = tmp_path / "teacher" / "heun-2" / "summary.json"
-    row = json.loads(teacher.read_text())
-    teacher.write_text(json.dumps(row | {"protocol": protocol | {"preprocessing": "uint8"}}))
+    (row,) = json.loads(teacher.read_text())["rows"]
+    teacher.write_text(json.dumps({"rows": [row | {"protocol": protocol | {"preprocessing": "uint8"}}]}))
     with pytest.raises(ConfigError, match=r"teacher heun-2 differs from sim seed 0 in \['protocol'\]"):
         collect(suite(*SMALL), tmp_path)
-    teacher.write_text(json.dumps({k: v for k, v in row.items() if k != "protocol"}))
+    teacher.write_text(json.dumps({"rows": [{k: v for k, v in row.items() if k != "protocol"}]}))
     with pytest.raises(ConfigError, match=r"holds no protocol record .* delete .*heun-2 to measure"):
         collect(suite(*SMALL), tmp_path)
 
@@ -162,7 +202,7 @@ def test_a_killed_suite_run_restarts_without_rerunning_finished_cells(tmp_path):
     assert "sim seed 1: ran" in output or "sim seed 1: resumed" in output, output
     assert first_done.stat().st_mtime_ns == finished_at, "a finished cell was run again"
     table = pd.read_csv(out / "leaderboard.csv")
-    assert list(table["method"]) == ["sim", "sim", "teacher heun"] and table["fid"].notna().all()
+    assert list(table["method"]) == ["sim", "sim", "teacher heun", "floor"] and table["fid"].notna().all()
     assert table["protocol"].nunique() == 1 and json.loads(table["protocol"][0])["extractor"] == "data"
     assert f"- protocol: `{table['protocol'][0]}`" in (out / "leaderboard.md").read_text()
     assert (table["tfe"][:2] <= 15000).all() and (table["tfe"][:2] > 15000 - 256 * 13).all()
@@ -197,4 +237,35 @@ def test_a_toy_suite_writes_its_table_csv_and_figure_with_one_budget_and_noise(t
     markdown = (out / "leaderboard.md").read_text()
     assert "| sim | 1 |" in markdown and "| teacher heun | 9 |" in markdown
     assert "budget per method: 4e+04 teacher-forward equivalents" in markdown
+    assert (out / "leaderboard.png").stat().st_size > 10_000
+
+
+#: the gmm_digits suite shrunk to seconds per cell: SIM alone, 2 seeds × 2 noise sets, 2 generator steps
+TINY_GMM = ["suite=gmm_digits", "~suite.methods.sid", "~suite.methods.di", "~suite.methods.progressive",
+            "~suite.methods.direct", "suite.budget_tfe=330", "suite.seeds=[0,1]",
+            "suite.eval.noise_seeds=[0,1]", "suite.eval.n=128", "suite.eval.batch_size=128",
+            "suite.eval.curve_points=1", "~suite.teacher_samplers.dpmpp2m", "suite.teacher_samplers.heun=[2]",
+            'suite.train=["data=gmm_digits","teacher=gmm_digits","metrics=gmm_digits",'
+            '"method.batch_size=16"]']  # fmt: skip
+
+
+def test_a_tiny_gmm_suite_reports_intervals_verdicts_the_floor_and_both_units(tmp_path):
+    out = tmp_path / "board"
+    run_cli("distillbench.leaderboard", *TINY_GMM, f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
+            "threads=1", cwd=tmp_path)  # fmt: skip
+    table = pd.read_csv(out / "leaderboard.csv")
+    students = table[table["method"] == "sim"]
+    pairs = sorted(zip(students["seed"], students["noise_seed"], strict=True))
+    assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert list(table.loc[table["method"] != "sim", "noise_seed"]) == [0, 1, 0, 1]  # teacher heun, floor
+    assert set(table["method"]) == {"sim", "teacher heun", "floor"} and (students["unit"] == "SFE").all()
+    assert (students["tfe"] <= 330).all() and (students["tfe"] >= 330 * 0.95).all()  # 2 steps of 16 · 10.02
+    assert table[["fid", "log_density_gap", "coverage_tv"]].notna().all().all()
+    markdown = (out / "leaderboard.md").read_text()
+    assert "330 student-forward equivalents (SFE" in markdown and "TFE" in markdown
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines}
+    assert rows["sim"].count("±") >= 3 and "2 × 2" in rows["sim"] and " best " in rows["sim"]
+    assert "2 noise sets" in rows["floor"] and "2 noise sets" in rows["teacher heun"]
+    assert "Welch" in markdown and "floor" in markdown
     assert (out / "leaderboard.png").stat().st_size > 10_000

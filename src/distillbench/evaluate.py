@@ -1,8 +1,11 @@
-"""``python -m distillbench.evaluate run=<training run folder | checkpoint | teacher> n=2000``.
+"""``python -m distillbench.evaluate run=<training run folder | checkpoint | teacher | floor> n=2000``.
 
 Evaluates a trained one-step student (its EMA generator) or, with ``run=teacher``, the ``teacher`` with the
 ``sampler`` choice, on the fixed evaluation noise and labels that training's periodic evaluation uses, so
-the figures compare. The row (model, method, data, extractor, n, NFE, FID, IS, KID, precision, recall,
+the figures compare. ``run=floor`` measures the data's own independent samples instead (``MetricSuite.floor``:
+the ``test`` split, keyed by the noise seed): the value an exact model reaches at this n, the floor row of a
+comparison. ``noise_seed`` may be a list (``noise_seed=[0,1,2]``): one row per evaluation-noise set, in one
+process. The row (model, method, data, extractor, n, NFE, FID, IS, KID, precision, recall,
 samples/s and the metric suite's protocol record) goes into the cumulative table ``results`` (CSV, rewritten
 atomically). A row is keyed by (model, data, n, extractor, noise_seed); a key already in the table is reused
 instead of recomputed unless ``force=true`` or its protocol differs from the suite's now (other weights,
@@ -29,7 +32,7 @@ import hydra
 import pandas as pd
 import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from distillbench import stats
 from distillbench.config import CONFIG_DIR
@@ -37,6 +40,7 @@ from distillbench.errors import ConfigError
 from distillbench.metrics.suite import PROTOCOL, MetricSuite, format_count, protocol_text
 from distillbench.runs import CHECKPOINT, load_run, locate_run
 from distillbench.samplers.generate import StudentSampler, generate
+from distillbench.sweeps import metric_kind
 from distillbench.utils.command import (
     cli,
     hydra_choice,
@@ -51,10 +55,14 @@ from distillbench.utils.images import save_samples_figure
 from distillbench.utils.io import atomic_write_text, atomic_writer
 from distillbench.utils.tables import print_summary
 
+#: figures of data with an exact law (data=gmm_*), empty for other data; tables written before them lack them
+GROUND_TRUTH = ("log_density_gap", "coverage_tv", "clamped_fraction")
 COLUMNS = ("time", "model", "method", "data", "extractor", "n", "noise_seed", "nfe",
-           "fid", "is", "kid", "precision", "recall", "samples_per_second", PROTOCOL)  # fmt: skip
+           "fid", "is", "kid", "precision", "recall", *GROUND_TRUTH, "samples_per_second",
+           PROTOCOL)  # fmt: skip
 KEY = ("model", "data", "n", "extractor", "noise_seed")
-FIGURES = ("fid", "is", "kid", "precision", "recall")
+FIGURES = ("fid", "is", "kid", "precision", "recall", *GROUND_TRUTH)
+FLOOR = "floor"  # run=floor, and the model column's prefix of its rows
 INTEGERS = ("n", "noise_seed", "nfe")
 FLOATS = (*FIGURES, "samples_per_second")
 TEACHER_PREFIX = "teacher/"
@@ -122,10 +130,30 @@ def student_subject(cfg: DictConfig) -> Subject:
     return Subject(model, type(method).__name__, method, StudentSampler(), datamodule, metrics)
 
 
+def floor_subject(cfg: DictConfig) -> Subject:
+    """The data's own independent samples (``run=floor``), measured by the data's metric suite."""
+    if not cfg.get("metrics"):
+        raise ConfigError(f"no metric suite for data={hydra_choice('data')}: choose one with metrics=")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    metrics = hydra.utils.instantiate(cfg.metrics, n=cfg.n)
+    return Subject(f"{FLOOR}/{datamodule.name}", FLOOR, None, None, datamodule, metrics)
+
+
 def build(cfg: DictConfig) -> Subject:
     """Check the request and instantiate what it evaluates; every bad-input check happens here."""
     require_at_least_one(cfg, ("n", "batch_size", "grid_size"))
+    seeds = noise_seeds(cfg)
+    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+        raise ConfigError(f"noise_seed={seeds} must be an integer >= 0 or a list of distinct ones")
+    if str(cfg.run) == FLOOR:
+        return floor_subject(cfg)
     return teacher_subject(cfg) if str(cfg.run) == "teacher" else student_subject(cfg)
+
+
+def noise_seeds(cfg: DictConfig) -> list[int]:
+    """``noise_seed`` as a list: one evaluation-noise set, or several."""
+    value = cfg.noise_seed
+    return [int(v) for v in value] if isinstance(value, (list, ListConfig)) else [int(value)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,7 +161,11 @@ def build(cfg: DictConfig) -> Subject:
 
 
 def draw(subject: Subject, n: int, cfg: DictConfig, progress: bool = False):
-    """``n`` samples on the fixed evaluation noise (and labels when conditional): (x, labels, nfe)."""
+    """``n`` samples on the fixed evaluation noise (and labels when conditional): (x, labels, nfe). The
+    floor's are the data's ``test`` samples keyed by the noise seed (NFE 0)."""
+    if subject.method == FLOOR:
+        x, labels = subject.datamodule.real_samples(n, "test", int(cfg.noise_seed))
+        return x, labels, 0
     conditional = getattr(subject.denoiser, "num_classes", 0)
     probs = subject.datamodule.label_distribution if conditional else None
     return generate(subject.sampler, subject.denoiser, n, cfg.batch_size, cfg.noise_seed, probs, progress)
@@ -144,9 +176,11 @@ def measure(subject: Subject, cfg: DictConfig) -> tuple[dict, torch.Tensor]:
     start = time.perf_counter()
     x, _, nfe = draw(subject, cfg.n, cfg, progress=True)
     rate = cfg.n / (time.perf_counter() - start)
-    figures = subject.metrics.evaluate(x, subject.datamodule)
+    figures = {
+        metric_kind(name): value for name, value in subject.metrics.evaluate(x, subject.datamodule).items()
+    }
     row = {"time": datetime.now().isoformat(timespec="seconds"), "method": subject.method, "nfe": int(nfe),
-           **subject.key(cfg), **{kind: figures.get(subject.metrics.metric_name(kind)) for kind in FIGURES},
+           **subject.key(cfg), **{kind: figures.get(kind) for kind in FIGURES},
            "samples_per_second": rate, PROTOCOL: subject.metrics.protocol(subject.datamodule)}  # fmt: skip
     return {column: row[column] for column in COLUMNS}, x[: cfg.grid_size]
 
@@ -163,8 +197,9 @@ def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=list(COLUMNS), dtype=str)
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if PROTOCOL not in table.columns:
-        table[PROTOCOL] = ""
+    for column in (PROTOCOL, *GROUND_TRUTH):
+        if column not in table.columns:
+            table[column] = ""
     missing = [column for column in COLUMNS if column not in table.columns]
     if missing:
         raise ConfigError(f"results={path} is not a results table (it lacks {missing}); choose another file")
@@ -229,14 +264,33 @@ def upsert_row(path: Path, row: dict) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    """The row of each noise seed (written into ``results``); ``summary.json`` holds the row, or with a list
+    of noise seeds ``{"rows": [...]}``."""
     subject = build(cfg)
+    write_config(cfg)
+    device = resolve_device(cfg.device)
+    if subject.denoiser is not None:
+        subject.denoiser.to(device)
+    subject.metrics.to(device)
+    seeds = noise_seeds(cfg)
+    rows = []
+    for seed in seeds:
+        one = cfg.copy()
+        with open_dict(one):
+            one.noise_seed = seed
+        rows.append(evaluate_one(subject, one, first=seed == seeds[0]))
+    summary = (
+        rows[0] if len(seeds) == 1 and not isinstance(cfg.noise_seed, (list, ListConfig)) else {"rows": rows}
+    )
+    write_summary(cfg, summary)
+    return summary
+
+
+def evaluate_one(subject: Subject, cfg: DictConfig, first: bool) -> dict:
+    """One noise seed's row: measured, or reused from ``results``; the first seed's samples go to the grid."""
     results = Path(cfg.results)
     key = subject.key(cfg)
     row = None if cfg.force else find_row(read_table(results), key)
-    write_config(cfg)
-    device = resolve_device(cfg.device)
-    subject.denoiser.to(device)
-    subject.metrics.to(device)
     if row is not None and row[PROTOCOL] != subject.metrics.protocol(subject.datamodule):
         print(f"results: the row of {key} in {results} was measured under another protocol; measuring again")
         row = None
@@ -245,11 +299,11 @@ def evaluate(cfg: DictConfig) -> dict:
         upsert_row(results, row)
         print(f"results: wrote the row of {subject.model} into {results}")
     else:
-        grid = draw(subject, cfg.grid_size, cfg)[0]
+        grid = draw(subject, cfg.grid_size, cfg)[0] if first else None
         print(f"results: reused the row of {key} from {results} (force=true recomputes it)")
-    save_samples_figure(grid, output_dir(cfg) / "samples.png", title=f"{subject.model}, {row['nfe']} NFE")
-    write_summary(cfg, row)
-    print_summary(row, title=f"evaluate: {subject.model}")
+    if first:
+        save_samples_figure(grid, output_dir(cfg) / "samples.png", title=f"{subject.model}, {row['nfe']} NFE")
+    print_summary(row, title=f"evaluate: {subject.model}, noise seed {cfg.noise_seed}")
     return row
 
 

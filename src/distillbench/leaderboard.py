@@ -1,31 +1,43 @@
 """``python -m distillbench.leaderboard suite=digits``: every method on one teacher under one compute budget.
 
-A suite (``conf/suite/``) names the teacher, data and metric suite, the budget in teacher-forward equivalents
-(TFE: a network's forward pass of one sample = 1, its backward = 2, scaled by its parameter count over the
-teacher's), the seeds, each method's overrides and the teacher samplers. Its cells, each a command in its own
-folder under ``out_dir``:
+A suite (``conf/suite/``) names the teacher, data and metric suite, the budget in the teacher's compute unit
+(``budget_tfe``; :mod:`distillbench.methods.accounting`: teacher-forward equivalents, TFE, with a network
+teacher; student-forward equivalents, SFE, with an analytic one), the seeds, the evaluation-noise sets, each
+method's overrides and the teacher samplers. Its cells, each a command in its own folder under ``out_dir``:
 
 - ``cells/<method>/seed<k>``: ``python -m distillbench.train`` with ``budget_tfe`` (the method's duration is
-  set to spend it, data generation included), ``eval.curve_points`` evaluations along the way;
-- ``teacher/<sampler>-<steps>``: ``python -m distillbench.evaluate run=teacher``;
+  set to spend it, data generation included), ``eval.curve_points`` evaluations along the way on the first
+  noise set;
+- ``evals/<method>/seed<k>``: ``python -m distillbench.evaluate run=<training cell>`` on the other noise
+  sets (``eval.noise_seeds``), when there are any;
+- ``teacher/<sampler>-<steps>``: ``python -m distillbench.evaluate run=teacher`` on every noise set;
+- ``floor``: ``python -m distillbench.evaluate run=floor``: the data's own independent samples (the ``test``
+  split; exact samples with an analytic teacher) on every noise set, the floor row of the table;
 - ``trajectories``: direct distillation's pairs, made once and charged to every direct cell's budget.
 
 Fairness, enforced here: method overrides may not touch the teacher, the metric suite, the evaluation, the
 budget or the seed (the suite sets them for every cell), and every finished cell's recorded config must show
-the same teacher, metric suite (feature extractor), sample count and evaluation noise, its ``summary.json``
-the same protocol record (extractor weights, preprocessing, real statistics: docs/metrics.md), and the
-training cells the same budget. The score methods are evaluated with their generator's EMA; progressive and
-direct distillation keep no EMA in their papers and are evaluated with their trained weights.
+the same teacher, metric suite (feature extractor), sample count and evaluation noise, every figure the same
+protocol record (extractor weights, preprocessing, real statistics: docs/metrics.md), and the training cells
+the same configured budget and a spent budget within ``budget_tolerance`` of it, never over. The score
+methods are evaluated with their generator's EMA; progressive and direct distillation keep no EMA in their
+papers and are evaluated with their trained weights.
+
+Statistics (:mod:`distillbench.stats`): each row's figures are the mean and 95% t interval over its repeats,
+training seeds × noise sets for a method, noise sets for a teacher sampler and the floor; a row is marked
+tied with the best method when Welch's t-test does not separate them at α = 0.05.
 
 Resumable: a cell with ``summary.json`` is finished and skipped, one with a checkpoint resumes from it
 (``resume=<cell>``), anything else starts over. The outputs are rebuilt from the cells at the end:
-``leaderboard.md``, ``leaderboard.csv`` (one row per cell) and ``leaderboard.png`` (FID against training
-budget; FID against sampling NFE).
+``leaderboard.md``, ``leaderboard.csv`` (one row per cell and noise set), ``curves.csv`` (FID against the
+budget spent, per training cell) and ``leaderboard.png`` (FID against training budget; each figure against
+sampling NFE, with intervals and the floor).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -43,16 +55,24 @@ from omegaconf import DictConfig, OmegaConf
 from distillbench import run_folder, stats
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
-from distillbench.evaluate import display_path, save_figure
+from distillbench.evaluate import FLOOR, GROUND_TRUTH, display_path, save_figure
+from distillbench.methods.accounting import unit_of_config
 from distillbench.metrics.suite import PROTOCOL, protocol_text
-from distillbench.sweeps import EVAL_FILE, metric_column, metric_kind
+from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER, metric_column, metric_kind
 from distillbench.utils.command import cli, task
 from distillbench.utils.io import atomic_write_json, atomic_write_text, atomic_writer
 
 #: settings the suite fixes for every cell (fairness); a method's overrides may not set them
 FIXED_KEYS = ("teacher", "metrics", "eval", "budget_tfe", "seed", "hydra")
-FIGURES = ("fid", "is", "precision", "recall")
+FIGURES = ("fid", "is", "precision", "recall", *GROUND_TRUTH)
+#: the figures each row is tested against the best method on (Welch), where the metric suite measures them;
+#: the log-density gap by its distance from 0 (either sign is a defect)
+VERDICTS = ("fid", "log_density_gap", "coverage_tv")
 CELL_FILE = "cell.json"  # the overrides a cell was started with: a rerun must ask for the same
+TRAJECTORY_NOISE_SEED = 1  # conf/trajectories.yaml's noise_seed, when the suite sets none
+#: a training cell may spend this fraction of its budget less than configured (whole steps; staged methods
+#: round each stage down), never more
+BUDGET_TOLERANCE = 0.05
 
 
 # ---- the suite ---------------------------------------------------------------------------------------------
@@ -82,6 +102,31 @@ def check_suite(suite: DictConfig) -> None:
     for key in ("n", "batch_size", "curve_points"):
         if not (isinstance(suite.eval[key], int) and suite.eval[key] >= 1):
             raise ConfigError(f"suite.eval.{key}={suite.eval[key]} must be an integer >= 1")
+    sets = noise_sets(suite)
+    if len(set(sets)) != len(sets) or any(not isinstance(s, int) or s < 0 for s in sets):
+        raise ConfigError(f"suite.eval.noise_seeds={sets} must be distinct integers >= 0")
+    if sets[0] != suite.eval.noise_seed:
+        raise ConfigError(
+            f"suite.eval.noise_seeds={sets} must start with suite.eval.noise_seed={suite.eval.noise_seed}, "
+            "the "
+            "noise set the training cells evaluate on"
+        )
+    made_from = next((o.split("=", 1)[1] for o in suite.trajectories or []
+                      if override_key(o) == "noise_seed"),
+                     TRAJECTORY_NOISE_SEED)  # fmt: skip
+    if int(made_from) in sets:
+        raise ConfigError(
+            f"suite.trajectories start from noise_seed={made_from}, one of the evaluation-noise sets {sets}: "
+            "direct would be measured on its training trajectories' noise; set another noise_seed= there"
+        )
+    if not 0 <= suite.get("budget_tolerance", BUDGET_TOLERANCE) < 1:
+        raise ConfigError(f"suite.budget_tolerance={suite.budget_tolerance} must be in [0, 1)")
+
+
+def noise_sets(suite: DictConfig) -> list[int]:
+    """The evaluation-noise sets every model is measured on: ``eval.noise_seeds``, else
+    ``eval.noise_seed``."""
+    return list(suite.eval.get("noise_seeds") or [suite.eval.noise_seed])
 
 
 def needs_trajectories(overrides) -> bool:
@@ -98,11 +143,28 @@ def train_overrides(suite: DictConfig, name: str, seed: int, out_dir: Path) -> l
     return overrides
 
 
+def seeds_override(seeds: list[int]) -> str:
+    return f"noise_seed=[{','.join(map(str, seeds))}]"
+
+
 def teacher_overrides(suite: DictConfig, sampler: str, steps: int, out_dir: Path) -> list[str]:
     e = suite.eval
     return [*suite.evaluate, "run=teacher", f"sampler={sampler}", f"sampler.steps={steps}", f"n={e.n}",
-            f"noise_seed={e.noise_seed}", f"batch_size={e.batch_size}",
+            seeds_override(noise_sets(suite)), f"batch_size={e.batch_size}",
             f"results={out_dir / 'teacher' / 'results.csv'}"]  # fmt: skip
+
+
+def floor_overrides(suite: DictConfig, out_dir: Path) -> list[str]:
+    e = suite.eval
+    return [*suite.evaluate, f"run={FLOOR}", f"n={e.n}", seeds_override(noise_sets(suite)),
+            f"batch_size={e.batch_size}", f"results={out_dir / FLOOR / 'results.csv'}"]  # fmt: skip
+
+
+def student_eval_overrides(suite: DictConfig, name: str, seed: int, out_dir: Path) -> list[str]:
+    """A training cell's student on the noise sets after the first (the training cell measured that one)."""
+    e = suite.eval
+    return [f"run={training_cell(out_dir, name, seed)}", f"n={e.n}", seeds_override(noise_sets(suite)[1:]),
+            f"batch_size={e.batch_size}", f"results={out_dir / 'evals' / 'results.csv'}"]  # fmt: skip
 
 
 # ---- running cells -----------------------------------------------------------------------------------------
@@ -162,6 +224,22 @@ def training_cells(suite: DictConfig, out_dir: Path):
             yield name, seed, training_cell(out_dir, name, seed)
 
 
+def eval_cell(out_dir: Path, name: str, seed: int) -> Path:
+    return out_dir / "evals" / name / f"seed{seed}"
+
+
+def floor_cell(out_dir: Path) -> Path:
+    return out_dir / FLOOR / "cell"
+
+
+def eval_cells(suite: DictConfig, out_dir: Path):
+    """(method name, seed, folder) of every training cell's evaluation on the other noise sets (none with one
+    noise set)."""
+    if len(noise_sets(suite)) > 1:
+        for name, seed, _ in training_cells(suite, out_dir):
+            yield name, seed, eval_cell(out_dir, name, seed)
+
+
 def sampler_cells(suite: DictConfig, out_dir: Path):
     """(sampler, steps, folder) of every teacher-sampler cell."""
     for sampler, counts in (suite.teacher_samplers or {}).items():
@@ -170,10 +248,15 @@ def sampler_cells(suite: DictConfig, out_dir: Path):
 
 
 def cells(suite: DictConfig, out_dir: Path):
-    """(label, module, folder, overrides) of every cell, training cells first."""
+    """(label, module, folder, overrides) of every cell: the floor, the training cells, their evaluations on
+    the other noise sets, the teacher samplers."""
+    yield "floor", "distillbench.evaluate", floor_cell(out_dir), floor_overrides(suite, out_dir)
     for name, seed, folder in training_cells(suite, out_dir):
         yield (f"{name} seed {seed}", "distillbench.train", folder,
                train_overrides(suite, name, seed, out_dir))  # fmt: skip
+    for name, seed, folder in eval_cells(suite, out_dir):
+        yield (f"{name} seed {seed}, noise sets {noise_sets(suite)[1:]}", "distillbench.evaluate", folder,
+               student_eval_overrides(suite, name, seed, out_dir))  # fmt: skip
     for sampler, steps, folder in sampler_cells(suite, out_dir):
         overrides = teacher_overrides(suite, sampler, steps, out_dir)
         yield f"teacher {sampler}-{steps}", "distillbench.evaluate", folder, overrides
@@ -195,7 +278,7 @@ def cell_summary(folder: Path) -> dict:
     """A finished cell's ``summary.json``, which must hold the protocol record of its figures."""
     path = folder / run_folder.SUMMARY
     summary = json.loads(path.read_text())
-    if not summary.get(PROTOCOL):
+    if not all(row.get(PROTOCOL) for row in summary_rows(summary)):
         raise ConfigError(
             f"{path} holds no protocol record (the cell finished before figures carried one), so its figures "
             f"cannot be checked to compare: delete {folder} to measure the cell again"
@@ -203,20 +286,26 @@ def cell_summary(folder: Path) -> dict:
     return summary
 
 
-def fairness_record(cfg: DictConfig, summary: dict, training: bool) -> dict:
-    """What must be the same in every cell: teacher, metric suite, sample count, evaluation noise and the
-    protocol record of the figures (extractor weights, preprocessing, real statistics)."""
-    n, noise = (cfg.eval.n, cfg.eval.noise_seed) if training else (cfg.n, cfg.noise_seed)
+def summary_rows(summary: dict) -> list[dict]:
+    """An evaluate cell's rows: ``summary.json`` holds one row, or several (``{"rows": [...]}``)."""
+    return summary["rows"] if "rows" in summary else [summary]
+
+
+def fairness_record(cfg: DictConfig, protocol: dict, training: bool) -> dict:
+    """What must be the same in every cell: teacher, metric suite, sample count and the protocol record of the
+    figures (extractor weights, preprocessing, real statistics); the noise sets are checked per row."""
+    n = cfg.eval.n if training else cfg.n
     metrics = {k: v for k, v in OmegaConf.to_container(cfg.metrics).items() if k not in ("n", "cache_dir")}
-    return {"teacher": OmegaConf.to_container(cfg.teacher), "metrics": metrics, "n": n, "noise_seed": noise,
-            PROTOCOL: summary[PROTOCOL]}  # fmt: skip
+    return {"teacher": OmegaConf.to_container(cfg.teacher), "metrics": metrics, "n": n, PROTOCOL: protocol}
 
 
-def check_fair(records: dict[str, dict], budgets: dict[str, float]) -> None:
-    """Every cell shares the first cell's fairness record; every training cell the same budget."""
+def check_fair(records: dict[str, dict], budgets: dict[str, float], spent: dict[str, float],
+               tolerance: float) -> None:  # fmt: skip
+    """Every cell shares the first cell's fairness record; every training cell the same configured budget,
+    and spent within ``tolerance`` of it, never over."""
     (first, reference), *rest = records.items()
     for label, record in rest:
-        changed = [k for k in reference if record[k] != reference[k]]
+        changed = [k for k in reference if k in record and record[k] != reference[k]]
         if changed:
             raise ConfigError(
                 f"{label} differs from {first} in {changed}: the leaderboard compares only cells with the "
@@ -224,78 +313,179 @@ def check_fair(records: dict[str, dict], budgets: dict[str, float]) -> None:
             )
     if len(set(budgets.values())) > 1:
         raise ConfigError(f"the training cells ran with different budgets: {budgets}")
+    for label, used in spent.items():
+        budget = budgets[label]
+        if not budget * (1 - tolerance) <= used <= budget * (1 + 1e-9):
+            raise ConfigError(
+                f"{label} spent {used:.6g} of its budget of {budget:.6g}: the cells compare only when each "
+                f"spends between {1 - tolerance:.0%} of the budget and all of it (suite.budget_tolerance)"
+            )
 
 
-def student_row(name: str, seed: int, summary: dict) -> dict:
+def figures_of(row: dict) -> dict:
+    return {k: row.get(k) for k in FIGURES}
+
+
+def student_row(name: str, seed: int, summary: dict, unit) -> dict:
+    """The training cell's own figures (its last evaluation, on the first noise set)."""
     student = summary["student"]
     figures = {metric_kind(k): v for k, v in student.items() if "@" in k}
-    return {"method": name, "seed": seed, "nfe": student["nfe"], **{k: figures.get(k) for k in FIGURES},
-            "tfe": summary["tfe"], "train_seconds": summary["train_seconds"],
+    return {"method": name, "seed": seed, "noise_seed": None, "nfe": student["nfe"], **figures_of(figures),
+            "tfe": summary["tfe"], "unit": unit.name, "train_seconds": summary["train_seconds"],
             "samples_per_second": student["samples_per_second"],
             PROTOCOL: protocol_text(summary[PROTOCOL])}  # fmt: skip
 
 
-def teacher_row(sampler: str, steps: int, row: dict) -> dict:
-    return {"method": f"teacher {sampler}", "seed": None, "nfe": row["nfe"], **{k: row[k] for k in FIGURES},
-            "tfe": 0.0, "train_seconds": 0.0, "samples_per_second": row["samples_per_second"],
-            PROTOCOL: protocol_text(row[PROTOCOL])}  # fmt: skip
+def evaluated_row(base: dict, row: dict) -> dict:
+    """A row of an evaluate cell, with the method's name, seed and spent budget."""
+    return base | {
+        "noise_seed": row["noise_seed"],
+        "nfe": row["nfe"],
+        **figures_of(row),
+        "samples_per_second": row["samples_per_second"],
+        PROTOCOL: protocol_text(row[PROTOCOL]),
+    }
 
 
 def collect(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """One row per cell, after checking the cells compare."""
-    rows, records, budgets = [], {}, {}
+    """One row per cell and noise set, after checking the cells compare."""
+    rows, records, budgets, spent = [], {}, {}, {}
+    sets, tolerance = noise_sets(suite), suite.get("budget_tolerance", BUDGET_TOLERANCE)
     for name, seed, folder in training_cells(suite, out_dir):
         cfg, summary = cell_config(folder), cell_summary(folder)
         label = f"{name} seed {seed}"
-        records[label], budgets[label] = fairness_record(cfg, summary, True), cfg.budget_tfe
-        rows.append(student_row(name, seed, summary))
+        records[label] = fairness_record(cfg, summary[PROTOCOL], True) | {"noise_seed": cfg.eval.noise_seed}
+        budgets[label], spent[label] = cfg.budget_tfe, summary["tfe"]
+        first = student_row(name, seed, summary, unit_of_config(cfg.teacher)) | {"noise_seed": sets[0]}
+        rows.append(first)
+        if len(sets) > 1:
+            evaluated = summary_rows(cell_summary(eval_cell(out_dir, name, seed)))
+            check_noise_sets(f"{label}'s evaluation", evaluated, sets[1:])
+            records[f"{label}, noise sets {sets[1:]}"] = {
+                "n": evaluated[0]["n"],
+                PROTOCOL: evaluated[0][PROTOCOL],
+            }
+            rows += [evaluated_row(first, row) for row in evaluated]
     for sampler, steps, folder in sampler_cells(suite, out_dir):
         summary = cell_summary(folder)
-        records[f"teacher {sampler}-{steps}"] = fairness_record(cell_config(folder), summary, False)
-        rows.append(teacher_row(sampler, steps, summary))
-    check_fair(records, budgets)
-    return pd.DataFrame(rows).astype({"seed": "Int64"})
+        evaluated = summary_rows(summary)
+        check_noise_sets(f"teacher {sampler}-{steps}", evaluated, sets)
+        records[f"teacher {sampler}-{steps}"] = fairness_record(
+            cell_config(folder), evaluated[0][PROTOCOL], False
+        )
+        base = {"method": f"teacher {sampler}", "seed": None, "tfe": 0.0, "unit": None, "train_seconds": 0.0}
+        rows += [evaluated_row(base, row) for row in evaluated]
+    floor = summary_rows(cell_summary(floor_cell(out_dir)))
+    check_noise_sets(FLOOR, floor, sets)
+    records[FLOOR] = {"n": floor[0]["n"], PROTOCOL: floor[0][PROTOCOL]}
+    base = {"method": FLOOR, "seed": None, "tfe": 0.0, "unit": None, "train_seconds": 0.0}
+    rows += [evaluated_row(base, row) for row in floor]
+    check_fair(records, budgets, spent, tolerance)
+    return pd.DataFrame(rows).astype({"seed": "Int64", "noise_seed": "Int64"})
+
+
+def check_noise_sets(label: str, rows: list[dict], expected: list[int]) -> None:
+    """An evaluate cell measured exactly the noise sets the suite asks of it, each under one protocol."""
+    found = [int(r["noise_seed"]) for r in rows]
+    if found != list(expected):
+        raise ConfigError(
+            f"{label} was measured on the noise sets {found}, the suite asks for {list(expected)}"
+        )
+    if len({protocol_text(r[PROTOCOL]) for r in rows}) > 1:
+        raise ConfigError(f"{label}'s noise sets were measured under different protocols")
+
+
+def verdict_values(group: pd.DataFrame, kind: str) -> pd.Series:
+    """The repeats a verdict on ``kind`` compares: the log-density gap by its distance from 0."""
+    return group[kind].abs() if kind == "log_density_gap" else group[kind]
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method and NFE: the mean and the half-width of its 95% t interval over seeds of every figure
-    (:mod:`distillbench.stats`), the seed count, and the FID verdict against the best row (Welch's test)."""
-    grouped = table.groupby(["method", "nfe"], sort=False)
+    """Per method and NFE: the mean and the half-width of its 95% t interval over its repeats (seeds × noise
+    sets) of every figure (:mod:`distillbench.stats`), the repeat count, and per :data:`VERDICTS` figure the
+    verdict against the best method (Welch's test; the floor row gets none)."""
+    grouped = dict(list(table.groupby(["method", "nfe"], sort=False)))
     columns = [*FIGURES, "tfe", "train_seconds", "samples_per_second"]
     rows = []
-    for (method, nfe), group in grouped:
-        row = {"method": method, "nfe": nfe, "seeds": len(group)}
+    for (method, nfe), group in grouped.items():
+        row = {"method": method, "nfe": nfe, "seeds": group["seed"].nunique(),
+               "noise_sets": group["noise_seed"].nunique(), "repeats": len(group),
+               "unit": group["unit"].dropna().iloc[0] if group["unit"].notna().any() else None}  # fmt: skip
         for column in columns:
-            spread = stats.interval(group[column])
+            spread = stats.interval(group[column].astype(float))
             row[f"{column}_mean"], row[f"{column}_ci"] = spread.mean, spread.half_width
         rows.append(row)
-    verdicts = stats.ties_with_best({key: group["fid"] for key, group in grouped})
     summary = pd.DataFrame(rows)
-    summary["fid_verdict"] = [verdicts[(r.method, r.nfe)] for r in summary.itertuples()]
-    return summary.sort_values(["fid_mean"]).reset_index(drop=True)
+    trained = {key for key, group in grouped.items() if (group["tfe"] > 0).any()}
+    for kind in VERDICTS:
+        groups = {key: verdict_values(group, kind).astype(float) for key, group in grouped.items()
+                  if key[0] != FLOOR and group[kind].notna().any()}  # fmt: skip
+        verdicts = stats.ties_with_best(groups, lower_is_better=kind not in HIGHER_IS_BETTER, among=trained)
+        summary[f"{kind}_verdict"] = [verdicts.get((r.method, r.nfe), "") for r in summary.itertuples()]
+    floor_last = summary["method"] == FLOOR
+    summary = summary.assign(_floor=floor_last).sort_values(["_floor", "fid_mean"]).drop(columns="_floor")
+    return summary.reset_index(drop=True)
 
 
 def plus_minus(mean: float, half_width: float, digits: int = 3) -> str:
-    """``mean ± half-width`` (``mean`` alone for one seed, ``—`` for a figure the metric suite lacks)."""
+    """``mean ± half-width`` (``mean`` alone for one repeat, ``—`` for a figure the metric suite lacks)."""
     return stats.Interval(mean, half_width, 0 if np.isnan(mean) else 2).text(digits)
 
 
-def markdown(summary: pd.DataFrame, suite: DictConfig, header: dict) -> str:
-    lines = [f"# Leaderboard: {suite.name}", "",
-             *[f"- {key}: {value}" for key, value in header.items()], "",
-             "| method | NFE | FID | FID against the best | IS | precision | recall "
-             "| training budget used (TFE) | training wall time (s) | samples/s | seeds |",
-             "|---" * 11 + "|"]  # fmt: skip
+def measured_figures(summary: pd.DataFrame) -> list[str]:
+    """The figures the metric suite measured (the ground-truth ones only with an exact law)."""
+    return [k for k in FIGURES if summary[f"{k}_mean"].notna().any()]
+
+
+NOTE = (
+    "Each figure is the mean ± the half-width of its 95% t interval (ddof = 1) over the row's repeats: "
+    "training seeds × evaluation-noise sets for a method, noise sets for a teacher sampler and for the floor "
+    "(the data's own independent samples at the same n: what an exact model scores). 'tied': Welch's t-test "
+    "does not separate the row from the best method at α = 0.05 (the log-density gap by its distance from "
+    "0); 'worse' or 'better' (a teacher sampler only): it does; 'untested': fewer than two repeats on either "
+    "side. The repeats of one training seed share its weights, so the interval counts them as independent "
+    "where they are not: read a tie as a tie, a separation near α with care."
+)
+HEADINGS = {
+    "fid": "FID",
+    "is": "IS",
+    "precision": "precision",
+    "recall": "recall",
+    "log_density_gap": "log-density gap",
+    "coverage_tv": "coverage TV",
+    "clamped_fraction": "clamped",
+}
+
+
+def markdown(summary: pd.DataFrame, suite: DictConfig, header: dict, unit) -> str:
+    figures = measured_figures(summary)
+    verdicts = [k for k in VERDICTS if k in figures]
+    heads = []
+    for kind in figures:
+        heads.append(HEADINGS[kind])
+        if kind in verdicts:
+            heads.append(f"{HEADINGS[kind]} against the best")
+    other = "TFE" if unit.name == "SFE" else "SFE"
+    heads += [f"training budget used ({unit.name})", f"the same in {other}", "training wall time (s)",
+              "samples/s", "seeds × noise sets"]  # fmt: skip
+    lines = [f"# Leaderboard: {suite.name}", "", *[f"- {key}: {value}" for key, value in header.items()], "",
+             "| method | NFE | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]  # fmt: skip
     for r in summary.itertuples():
         trained = r.tfe_mean > 0
-        figures = [plus_minus(getattr(r, f"{k}_mean"), getattr(r, f"{k}_ci")) for k in FIGURES]
-        figures.insert(1, r.fid_verdict)
-        training = [f"{r.tfe_mean:.4g}", f"{r.train_seconds_mean:.3g}", r.seeds] if trained else ["—"] * 3
-        cells = [r.method, r.nfe, *figures, *training[:2], f"{r.samples_per_second_mean:.4g}", training[2]]
+        cells = [r.method, r.nfe]
+        for kind in figures:
+            cells.append(plus_minus(getattr(r, f"{kind}_mean"), getattr(r, f"{kind}_ci")))
+            if kind in verdicts:
+                cells.append(getattr(r, f"{kind}_verdict") or "—")
+        if trained:
+            converted = r.tfe_mean * unit.tfe_per_unit if unit.name == "SFE" else r.tfe_mean
+            cells += [f"{r.tfe_mean:.4g}", f"{converted:.4g}", f"{r.train_seconds_mean:.3g}"]
+        else:
+            cells += ["—"] * 3
+        cells += [f"{r.samples_per_second_mean:.4g}", f"{r.seeds} × {r.noise_sets}" if trained else
+                  f"{r.noise_sets} noise sets"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "Each figure is the mean ± the half-width of its 95% t interval over the seeds (ddof = 1; "
-              "the mean alone for one seed). 'tied': Welch's t-test does not separate the row's FID from the "
-              "best row's at α = 0.05; 'untested': fewer than two seeds on either side."]  # fmt: skip
+    lines += ["", NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -309,32 +499,55 @@ def curves(suite: DictConfig, out_dir: Path) -> dict[str, pd.DataFrame]:
     return found
 
 
-def plot(table: pd.DataFrame, per_method: dict[str, list[pd.DataFrame]], path: Path, title: str) -> Path:
-    """Left: FID against training budget (mean over seeds, min–max band). Right: FID against NFE (students as
-    points with their seed spread, the teacher's samplers as lines)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+def plot(table: pd.DataFrame, per_method: dict[str, list[pd.DataFrame]], path: Path, title: str,
+         unit) -> Path:  # fmt: skip
+    """First panel: FID against training budget (mean over seeds, its 95% t band). Then each measured figure
+    (FID and the ground-truth ones) against sampling NFE: methods as points with their 95% t interval over
+    seeds × noise sets, the teacher's samplers as lines with theirs, the floor as a band."""
+    kinds = [k for k in VERDICTS if table[k].notna().any()]
+    columns = 2 if kinds[1:] else 1 + len(kinds)  # a 2 × 2 grid with the ground-truth panels
+    rows = math.ceil((1 + len(kinds)) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.6 * rows), squeeze=False)
+    left, *right = axes.flat
     for name, frames in per_method.items():
         points = min(len(f) for f in frames)
-        tfe = np.mean([f["tfe"].to_numpy()[:points] for f in frames], axis=0)
+        spent = np.mean([f["tfe"].to_numpy()[:points] for f in frames], axis=0)
         fid = np.stack([f["fid"].to_numpy()[:points] for f in frames])
-        (line,) = left.plot(tfe, fid.mean(0), marker="o", label=name)
-        left.fill_between(tfe, fid.min(0), fid.max(0), color=line.get_color(), alpha=0.2)
-    left.set(xlabel="training budget spent (teacher-forward equivalents)", ylabel="FID", yscale="log",
-             title="FID against training budget")  # fmt: skip
+        spreads = [stats.interval(fid[:, i]) for i in range(points)]
+        mean = np.array([s.mean for s in spreads])
+        half = np.nan_to_num(np.array([s.half_width for s in spreads]))
+        (line,) = left.plot(spent, mean, marker="o", label=name)
+        left.fill_between(spent, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+    left.set(xlabel=f"training budget spent ({unit.name})", ylabel="FID", yscale="log",
+             title="FID against training budget (first noise set)")  # fmt: skip
     trained = table[table["tfe"] > 0]
-    for name, rows in trained.groupby("method", sort=False):
-        spread = stats.interval(rows["fid"]).half_width if len(rows) > 1 else None
-        right.errorbar(rows["nfe"].mean(), rows["fid"].mean(), yerr=spread, marker="o", capsize=4,
-                       linestyle="none", label=name)  # fmt: skip
-    for name, rows in table[table["tfe"] == 0].groupby("method", sort=False):
-        rows = rows.sort_values("nfe")
-        right.plot(rows["nfe"], rows["fid"], marker="s", linestyle="--", label=name)
-    right.set(
-        xlabel="sampling NFE", ylabel="FID", xscale="log", yscale="log", title="FID against sampling NFE"
-    )
-    for axis in (left, right):
+    for axis, kind in zip(right, kinds, strict=True):
+        for name, rows in trained.groupby("method", sort=False):
+            spread = stats.interval(rows[kind].astype(float))
+            axis.errorbar(rows["nfe"].mean(), spread.mean, yerr=np.nan_to_num(spread.half_width), marker="o",
+                          capsize=4, linestyle="none", label=name)  # fmt: skip
+        for name, rows in table[(table["tfe"] == 0) & (table["method"] != FLOOR)].groupby(
+            "method", sort=False
+        ):
+            by_nfe = [(nfe, stats.interval(group[kind].astype(float))) for nfe, group in rows.groupby("nfe")]
+            nfe = [n for n, _ in by_nfe]
+            half = np.nan_to_num([s.half_width for _, s in by_nfe])
+            axis.errorbar(nfe, [s.mean for _, s in by_nfe], yerr=half,
+                          marker="s", linestyle="--", capsize=3, label=name)  # fmt: skip
+        floor = stats.interval(table.loc[table["method"] == FLOOR, kind].astype(float))
+        axis.axhline(floor.mean, color="k", lw=1, label="floor (exact vs exact)")
+        if not np.isnan(floor.half_width):
+            axis.axhspan(floor.low, floor.high, color="k", alpha=0.1)
+        log = kind == "fid" and (table[kind] > 0).all()
+        if kind == "log_density_gap":  # a few-step sampler's gap runs to −10⁴ where methods sit near −1
+            axis.set_yscale("symlog", linthresh=0.1)
+        elif log:
+            axis.set_yscale("log")
+        axis.set(xlabel="sampling NFE", ylabel=HEADINGS[kind], xscale="log",
+                 title=f"{HEADINGS[kind]} against sampling NFE (95% t intervals)")  # fmt: skip
+    for axis in (left, *right):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -357,20 +570,28 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
         table.to_csv(tmp, index=False)
     summary = summarise(table)
     first = cell_config(training_cell(out_dir, next(iter(suite.methods)), suite.seeds[0]))
+    unit = unit_of_config(first.teacher)
+    budget = f"{suite.budget_tfe:.4g} {unit.describe()}"
+    if unit.name == "SFE":
+        budget += f"; {suite.budget_tfe * unit.tfe_per_unit:.4g} TFE"
     header = {"command": f"python -m distillbench.leaderboard suite={suite.name}",
               "measured": measured_when(suite, out_dir),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                          f"{torch.__version__}",
-              "budget per method": f"{suite.budget_tfe:.4g} teacher-forward equivalents (forward 1, backward "
-                                   "2, scaled by parameters over the teacher's)",
+              "budget per method": budget,
               "teacher": teacher_name(first.teacher),
-              "evaluation": f"{suite.eval.n} samples on noise seed {suite.eval.noise_seed}, "
+              "evaluation": f"{suite.eval.n} samples on each of the noise sets {noise_sets(suite)}, "
                             f"{first.metrics.extractor._target_.rsplit('.', 1)[-1]} features",
               PROTOCOL: f"`{table[PROTOCOL].iloc[0]}`",
               "seeds": list(suite.seeds)}  # fmt: skip
-    atomic_write_text(out_dir / "leaderboard.md", markdown(summary, suite, header))
-    title = f"{suite.name}: {suite.budget_tfe:.3g} teacher-forward equivalents per method"
-    plot(table, curves(suite, out_dir), out_dir / "leaderboard.png", title)
+    atomic_write_text(out_dir / "leaderboard.md", markdown(summary, suite, header, unit))
+    title = f"{suite.name}: {suite.budget_tfe:.3g} {unit.name} per method"
+    per_method = curves(suite, out_dir)
+    frames = [f.assign(method=name, seed=seed) for name, found in per_method.items()
+              for seed, f in zip(suite.seeds, found, strict=True)]  # fmt: skip
+    with atomic_writer(out_dir / "curves.csv") as tmp:  # the figure's budget curves
+        pd.concat(frames, ignore_index=True)[["method", "seed", "tfe", "fid"]].to_csv(tmp, index=False)
+    plot(table, per_method, out_dir / "leaderboard.png", title, unit)
     return summary
 
 

@@ -76,12 +76,17 @@ def welch_p(a, b) -> float:
     return float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def ties_with_best(groups: dict[str, object], lower_is_better: bool = True, alpha: float = ALPHA) -> dict:
+def ties_with_best(groups: dict[str, object], lower_is_better: bool = True, alpha: float = ALPHA,
+                   among=None) -> dict:  # fmt: skip
     """For each group (name → its repeats): ``"best"`` (the best mean among the groups with at least two
-    repeats), ``"tied"`` (Welch's test does not separate it from the best at ``alpha``), ``"worse"``, or
-    ``"untested"`` (fewer than two repeats: a single measurement has no interval to compare)."""
+    repeats, and among the names in ``among`` when given: the students, say, that teacher rows are read
+    against), ``"tied"`` (Welch's test does not separate it from the best at ``alpha``), ``"worse"``,
+    ``"better"`` (separated and ahead of the best: only a row outside ``among`` can be), or ``"untested"``
+    (fewer than two repeats: a single measurement has no interval to compare)."""
     spreads = {name: interval(values) for name, values in groups.items()}
-    testable = [name for name, spread in spreads.items() if spread.n >= 2]
+    testable = [
+        name for name, spread in spreads.items() if spread.n >= 2 and (among is None or name in among)
+    ]
     if not testable:
         return dict.fromkeys(groups, "untested")
     best = (min if lower_is_better else max)(testable, key=lambda name: spreads[name].mean)
@@ -91,5 +96,9 @@ def ties_with_best(groups: dict[str, object], lower_is_better: bool = True, alph
             verdicts[name] = "best"
             continue
         p = welch_p(values, groups[best])
-        verdicts[name] = "untested" if math.isnan(p) else "tied" if p >= alpha else "worse"
+        ahead = (spreads[name].mean < spreads[best].mean) == lower_is_better  # only a row outside ``among``
+        if math.isnan(p):
+            verdicts[name] = "untested"
+        else:
+            verdicts[name] = "tied" if p >= alpha else "better" if ahead else "worse"
     return verdicts

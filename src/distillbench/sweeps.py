@@ -3,7 +3,7 @@
 Each training job writes ``eval.csv`` (one row per evaluation: kimg, gen_step and the metrics) into its own
 folder; :class:`SweepSummary`, a Hydra callback, runs when the sweep ends and writes into the sweep folder
 ``curves.csv`` (every job's rows, with the swept settings as columns) and ``curves.png`` (FID and IS against
-kimg: one panel per metric and ``panel`` value, one line per ``hue`` value, seeds as mean and min–max band).
+kimg: one panel per metric and ``panel`` value, one line per ``hue`` value, seeds as mean and 95% t band).
 The same functions load and draw any sweep folder from a notebook.
 """
 
@@ -17,7 +17,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from matplotlib import pyplot as plt
 
-from distillbench import run_folder
+from distillbench import run_folder, stats
 from distillbench.metrics.suite import PROTOCOL
 
 EVAL_FILE = run_folder.EVALUATIONS
@@ -100,14 +100,19 @@ def load_wandb_group(group: str, project: str = "distillbench", api=None) -> pd.
 
 
 def summary_table(frame: pd.DataFrame, metric: str = "fid", by=None) -> pd.DataFrame:
-    """Final and best value of ``metric`` per job, then mean and std over the jobs sharing ``by`` (seeds)."""
+    """Final and best value of ``metric`` per job, then over the jobs sharing ``by`` (seeds): mean, std
+    (ddof = 1), count and ``ci``, the half-width of the 95% t interval (:mod:`distillbench.stats`)."""
     column = metric_column(frame, metric)
     by = list(by) if by is not None else [k for k in swept_keys(frame) if k not in SEED_KEYS]
     ordered = frame.sort_values("kimg")
     best = "max" if metric in HIGHER_IS_BETTER else "min"
     per_job = ordered.groupby("job").agg(final=(column, "last"), best=(column, best))
     per_job = per_job.join(ordered.groupby("job")[by].first())
-    return per_job.groupby(by)[["final", "best"]].agg(["mean", "std", "count"])
+
+    def ci(values) -> float:
+        return stats.interval(values).half_width
+
+    return per_job.groupby(by)[["final", "best"]].agg(["mean", "std", "count", ci])
 
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
@@ -121,9 +126,15 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
     return [c for c in override_columns(frame) if frame.groupby("job")[c].first().nunique() > 1]
 
 
+#: kinds whose names hold underscores (the ground-truth metrics, named without an extractor)
+COMPOUND_KINDS = ("log_density_gap", "coverage_tv", "clamped_fraction")
+
+
 def metric_kind(name: str) -> str:
-    """A metric's kind from its full name: ``fid_clf@1k`` → ``fid``."""
-    return name.split("@")[0].split("_")[0]
+    """A metric's kind from its full name: ``fid_clf@1k`` → ``fid``, ``log_density_gap@1k`` →
+    ``log_density_gap``."""
+    base = name.split("@")[0]
+    return next((kind for kind in COMPOUND_KINDS if base == kind), base.split("_")[0])
 
 
 def metric_column(frame: pd.DataFrame, kind: str) -> str | None:
@@ -151,8 +162,9 @@ def plot_sweep(
 ):
     """Metrics against kimg: a row of panels (each ``panel`` value × each metric), a line per ``hue`` value.
 
-    Runs that share hue and panel (seeds) are drawn as their mean with a min–max band. ``references`` maps
-    a metric column to a horizontal line (the teacher's value). Returns the figure (saved when ``path``).
+    Runs that share hue and panel (seeds) are drawn as their mean with its 95% t band (:mod:`stats`).
+    ``references`` maps a metric column to a horizontal line (the teacher's value). Returns the figure
+    (saved when ``path``).
     """
     hue, panel = choose_axes(frame, hue, panel)
     columns = [c for c in (metric_column(frame, m) for m in metrics) if c]
@@ -185,8 +197,9 @@ def _draw_lines(ax, frame: pd.DataFrame, column: str, hue: str | None, colors: d
         by_kimg = rows.groupby(rows["kimg"].round(3))[column]
         mean = by_kimg.mean()
         ax.plot(mean.index, mean.values, marker="o", ms=3, label=str(name), color=colors[name])
-        if rows["job"].nunique() > 1:
-            ax.fill_between(mean.index, by_kimg.min(), by_kimg.max(), color=colors[name], alpha=0.2)
+        if rows["job"].nunique() > 1:  # the 95% t interval over the seeds at each point
+            half = by_kimg.agg(lambda values: stats.interval(values).half_width).fillna(0.0)
+            ax.fill_between(mean.index, mean - half, mean + half, color=colors[name], alpha=0.2)
 
 
 def teacher_references(sweep_dir: Path) -> dict[str, float]:

@@ -62,10 +62,12 @@ def run_facts(cfg: DictConfig, teacher) -> dict:
 def plan_budget(cfg: DictConfig, method, datamodule) -> None:
     """``budget_tfe``: what making the data cost (direct's trajectories) is spent first; the method's duration
     is set to spend the rest, and ``eval.curve_points`` evaluations are spread over it."""
-    data_tfe = teacher_forwards(datamodule.manifest) if hasattr(datamodule, "manifest") else 0.0
+    calls = teacher_forwards(datamodule.manifest) if hasattr(datamodule, "manifest") else 0.0
+    data_tfe = calls * method.compute_unit.teacher_forward  # teacher calls in the run's unit
     if data_tfe >= cfg.budget_tfe:
         raise ConfigError(
-            f"making the trajectories cost {data_tfe:.4g} teacher forwards, more than budget_tfe="
+            f"making the trajectories cost {data_tfe:.4g} compute units ({calls:.4g} teacher forwards), more "
+            f"than budget_tfe="
             f"{cfg.budget_tfe}; raise budget_tfe or make fewer trajectories"
         )
     kimg = method.fit_budget(cfg.budget_tfe - data_tfe)

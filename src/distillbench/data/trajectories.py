@@ -156,6 +156,26 @@ class TrajectoryDataModule(TensorDataModule):
     def num_classes(self) -> int:
         return self.like.num_classes if self.like is not None else int(self.manifest["num_classes"])
 
+    # With ``like``, the evaluation's labels, the metrics' real side and the ground truth are ``like``'s own,
+    # so a direct cell is measured on exactly what the other cells of a comparison are: an exact mixture's
+    # class prior and reference stream (data=gmm_*), not counts or a resampling of a finite split.
+    @property
+    def label_distribution(self) -> torch.Tensor | None:
+        return self.like.label_distribution if self.like is not None else super().label_distribution
+
+    @property
+    def draws_any_n(self) -> bool:
+        return bool(getattr(self.like, "draws_any_n", False))
+
+    @property
+    def mixture(self):
+        return getattr(self.like, "mixture", None)
+
+    def real_samples(self, n: int, split: str = "train", seed: int = 0):
+        if self.like is not None:
+            return self.like.real_samples(n, split, seed)
+        return super().real_samples(n, split, seed)
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["sample_shape"])

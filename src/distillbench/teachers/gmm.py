@@ -278,12 +278,16 @@ class GMMDenoiser(Denoiser):
         return self.mixture.class_posterior(x, sigma)
 
 
-def gmm_teacher(path: str, dtype: str = "float64", sigma_data: float = 0.5, datamodule=None) -> GMMDenoiser:
-    """``teacher=gmm_digits|gmm_mnist``: the exact denoiser of the mixture in ``path``."""
+def gmm_teacher(path: str, dtype: str = "float64", sigma_data: float = 0.5, cost=None,
+                datamodule=None) -> GMMDenoiser:  # fmt: skip
+    """``teacher=gmm_digits|gmm_mnist``: the exact denoiser of the mixture in ``path``. ``cost`` (reference,
+    reference_parameters, forward) is the compute unit it defines: its forward's measured cost in forwards of
+    the student network (:func:`distillbench.methods.accounting.compute_unit`)."""
     from distillbench.teachers.checkpoint import check_teacher_fits
 
     teacher = GMMDenoiser(load_mixture(path, dtype), sigma_data=sigma_data)
     teacher.name = f"gmm:{Path(path).name}"
+    teacher.cost = None if cost is None else dict(cost)
     if datamodule is not None:
         check_teacher_fits(teacher, datamodule, teacher.name)
     return teacher.requires_grad_(False).eval()
