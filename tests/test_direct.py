@@ -201,6 +201,7 @@ def test_the_command_writes_shards_and_manifest_then_skips_them_and_resumes(tmp_
     assert [s["count"] for s in manifest["splits"]["train"]] == [6, 6]
     assert [(s["start"], s["count"]) for s in manifest["splits"]["test"]] == [(12, 4)]
     assert manifest["indices"] == INDICES and manifest["sigmas"] == karras(STEPS).tolist()
+    assert manifest["teacher"]["path"] == "<assets>/teachers/digits", "a moved checkout still matches"
     shard = load_file(str(out / "train-00001.safetensors"))
     assert shard["states"].shape == (6, 2, 1, 8, 8) and shard["finals"].shape == (6, 1, 8, 8)
     assert shard["index"].tolist() == list(range(6, 12)) and shard["labels"].shape == (6,)

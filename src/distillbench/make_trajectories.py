@@ -207,11 +207,24 @@ def trajectory_labels(teacher: Denoiser, datamodule, n: int, prompts, seed: int)
     return fixed_labels(n, probs, seed)
 
 
+#: how a manifest names the package's assets folder, so that a moved or reinstalled checkout still matches
+ASSETS = "<assets>"
+
+
+def teacher_record(cfg: DictConfig) -> dict:
+    """The teacher's config as the manifest records it: a shipped teacher's path relative to the assets."""
+    record = OmegaConf.to_container(cfg.teacher, resolve=True)
+    assets, path = str(cfg.paths.assets_dir), record.get("path")
+    if isinstance(path, str) and path.startswith(assets):
+        record["path"] = ASSETS + path[len(assets) :]
+    return record
+
+
 def make_manifest(cfg: DictConfig, teacher: Denoiser, sampler, prompts) -> dict:
     """The plan of the folder: what made the trajectories (a rerun must match it) and the shards."""
     return {
         "format": FORMAT,
-        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "teacher": teacher_record(cfg),
         "sample_shape": list(teacher.sample_shape),
         "num_classes": int(getattr(teacher, "num_classes", 0)),
         "steps": cfg.steps,
