@@ -69,7 +69,7 @@ class ScoreDistillation(DistillationMethod):
         duration_kimg: float = 12.0,
         fake_updates: int = 1,
         ema_halflife_kimg: float = 2.0,
-        ema_rampup_ratio: float | None = 0.05,
+        ema_rampup_ratio: float | None = 0.5,
         loss_scaling: float = 1.0,
         loss_scaling_g: float = 1.0,
         t_max: float = 0.8,
