@@ -334,8 +334,8 @@ def compose_and_validate(*overrides: str):
 # at 15 steps: DMD2 FID 33.32 → 9.71, gap −4.22 → −1.92, coverage 0.473 → 0.164; SiDA 33.32 → 9.01,
 # −4.22 → −1.91, 0.473 → 0.165 (floor widths 1.90, 0.029, 0.055).
 
-LEARN = ["method.ema_rampup_ratio=0.05", "method.duration_kimg=0.32", "eval.every_kimg=0.32", "method.batch_size=32", "method.lr=1e-4",
-         "method.sigma_init=0.5"]  # fmt: skip
+LEARN = ["method.ema_rampup_ratio=0.05", "method.duration_kimg=0.32", "eval.every_kimg=0.32",
+         "method.batch_size=32", "method.lr=1e-4", "method.sigma_init=0.5"]  # fmt: skip
 LEARNING = {
     "dmd2": ["method=dmd2", "method.fake_updates=1", *LEARN],
     "sida": ["method=sida", "method.gan_start_kimg=0", *LEARN],

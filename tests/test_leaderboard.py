@@ -19,9 +19,11 @@ from omegaconf import OmegaConf
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.leaderboard import (
+    check_fair,
     check_readme,
     check_suite,
     collect,
+    fairness_record,
     floor_overrides,
     noise_sets,
     settle_cell,
@@ -269,3 +271,23 @@ def test_a_tiny_gmm_suite_reports_intervals_verdicts_the_floor_and_both_units(tm
     assert "2 noise sets" in rows["floor"] and "2 noise sets" in rows["teacher heun"]
     assert "Welch" in markdown and "floor" in markdown
     assert (out / "leaderboard.png").stat().st_size > 10_000
+
+
+def test_cells_made_in_another_checkout_compare_by_their_shipped_assets():
+    """A cell's shipped teacher and classifier sit in its own checkout's assets folder; the fairness record
+    names them from the assets, so cells from a moved checkout join the table."""
+
+    def cell(root: str) -> dict:
+        cfg = OmegaConf.create({
+            "paths": {"assets_dir": f"{root}/assets"}, "eval": {"n": 10},
+            "teacher": {"_target_": "t", "path": f"{root}/assets/teachers/gmm_digits"},
+            "metrics": {"extractor": {"path": f"{root}/assets/classifiers/digits"}, "n": 10},
+        })  # fmt: skip
+        return fairness_record(cfg, {}, training=True)
+
+    here, there = cell("/work/a/src/distillbench"), cell("/elsewhere/site-packages/distillbench")
+    assert here == there and here["teacher"]["path"] == "<assets>/teachers/gmm_digits"
+    check_fair({"here": here, "there": there}, {}, {}, tolerance=0.05)
+    moved = cell("/x") | {"teacher": {"_target_": "t", "path": "/x/my_teacher"}}
+    with pytest.raises(ConfigError, match="differs from"):
+        check_fair({"here": here, "moved": moved}, {}, {}, tolerance=0.05)

@@ -110,3 +110,20 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+#: how a recorded config names the package's assets folder (shipped teachers, classifiers)
+ASSETS_MARK = "<assets>"
+
+
+def relocatable(node, assets_dir: str | Path):
+    """``node`` (plain containers) with every path inside ``assets_dir`` written from ``<assets>``, so that a
+    record made in one checkout matches the same record made in a moved or reinstalled one."""
+    assets = str(assets_dir)
+    if isinstance(node, dict):
+        return {key: relocatable(value, assets) for key, value in node.items()}
+    if isinstance(node, list):
+        return [relocatable(value, assets) for value in node]
+    if isinstance(node, str) and node.startswith(assets):
+        return ASSETS_MARK + node[len(assets) :]
+    return node

@@ -53,7 +53,7 @@ from matplotlib import pyplot as plt
 from omegaconf import DictConfig, OmegaConf
 
 from distillbench import run_folder, stats
-from distillbench.config import CONFIG_DIR
+from distillbench.config import CONFIG_DIR, relocatable
 from distillbench.errors import ConfigError
 from distillbench.evaluate import FLOOR, GROUND_TRUTH, display_path, save_figure
 from distillbench.methods.accounting import unit_of_config
@@ -296,7 +296,14 @@ def fairness_record(cfg: DictConfig, protocol: dict, training: bool) -> dict:
     figures (extractor weights, preprocessing, real statistics); the noise sets are checked per row."""
     n = cfg.eval.n if training else cfg.n
     metrics = {k: v for k, v in OmegaConf.to_container(cfg.metrics).items() if k not in ("n", "cache_dir")}
-    return {"teacher": OmegaConf.to_container(cfg.teacher), "metrics": metrics, "n": n, PROTOCOL: protocol}
+    teacher = OmegaConf.to_container(cfg.teacher)
+    assets = cfg.paths.assets_dir  # each cell's own: cells made in another checkout still compare
+    return {
+        "teacher": relocatable(teacher, assets),
+        "metrics": relocatable(metrics, assets),
+        "n": n,
+        PROTOCOL: protocol,
+    }
 
 
 def check_fair(records: dict[str, dict], budgets: dict[str, float], spent: dict[str, float],

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 from safetensors.torch import save
 
-from distillbench.config import CONFIG_DIR
+from distillbench.config import CONFIG_DIR, relocatable
 from distillbench.errors import ConfigError, MissingPackageError
 from distillbench.samplers.generate import device_of, fixed_labels, fixed_noise
 from distillbench.samplers.partial import trajectory
@@ -207,17 +207,9 @@ def trajectory_labels(teacher: Denoiser, datamodule, n: int, prompts, seed: int)
     return fixed_labels(n, probs, seed)
 
 
-#: how a manifest names the package's assets folder, so that a moved or reinstalled checkout still matches
-ASSETS = "<assets>"
-
-
 def teacher_record(cfg: DictConfig) -> dict:
     """The teacher's config as the manifest records it: a shipped teacher's path relative to the assets."""
-    record = OmegaConf.to_container(cfg.teacher, resolve=True)
-    assets, path = str(cfg.paths.assets_dir), record.get("path")
-    if isinstance(path, str) and path.startswith(assets):
-        record["path"] = ASSETS + path[len(assets) :]
-    return record
+    return relocatable(OmegaConf.to_container(cfg.teacher, resolve=True), cfg.paths.assets_dir)
 
 
 def make_manifest(cfg: DictConfig, teacher: Denoiser, sampler, prompts) -> dict:
