@@ -25,8 +25,8 @@ Settings (one core, ``threads=1``, ``trainer.deterministic=true``, seed 0):
   2 kimg half-life with ramp-up ratio 0.05 (the default is 0.5; at 0.05 and 480 images its half-life is 24
   images and it follows the online weights), σ_init = 0.5. At the default σ_init = 2.5 the start is a
   blurry posterior mean with a better log-density than a partly trained generator: in 20-40 steps FID and
-  recall improve while the log-density gap worsens (SIM at lr 1e-4, 40 steps: FID 5.68 → 2.36, gap −0.38 → −1.48), so σ_init = 0.5
-  starts from noisy images, far from the law on every metric.
+  recall improve while the log-density gap worsens (SIM at lr 1e-4, 40 steps: FID 5.68 → 2.36, gap −0.38 →
+  −1.48), so σ_init = 0.5 starts from noisy images, far from the law on every metric.
 - progressive: n_start = 2 (stages of 2 then 1 student steps on exact training samples), 0.32 kimg per stage
   at batch 32 (10 optimiser steps each), lr 2e-4 decaying linearly within each stage.
 
