@@ -70,7 +70,8 @@ def test_every_shipped_suite_passes_its_checks():
 def test_the_gmm_suites_run_every_method_on_three_seeds_and_three_noise_sets_in_student_forwards():
     for name in ("gmm_digits", "gmm_mnist"):
         shipped = suite(f"suite={name}")
-        assert set(shipped.methods) == {"sim", "sid", "di", "progressive", "direct"}
+        nine = {"sim", "sid", "di", "dmd2", "sida", "cd", "ect", "progressive", "direct"}
+        assert set(shipped.methods) == nine
         assert len(shipped.seeds) >= 3 and len(noise_sets(shipped)) >= 3 and shipped.teacher_samplers
         cfg = compose_config("train", train_overrides(shipped, "sim", 0, Path("/tmp")))
         assert unit_of_config(cfg.teacher).name == "SFE" and cfg.teacher._target_.endswith("gmm_teacher")
@@ -243,8 +244,9 @@ def test_a_toy_suite_writes_its_table_csv_and_figure_with_one_budget_and_noise(t
 
 
 #: the gmm_digits suite shrunk to seconds per cell: SIM alone, 2 seeds × 2 noise sets, 2 generator steps
-TINY_GMM = ["suite=gmm_digits", "~suite.methods.sid", "~suite.methods.di", "~suite.methods.progressive",
-            "~suite.methods.direct", "suite.budget_tfe=330", "suite.seeds=[0,1]",
+TINY_GMM = ["suite=gmm_digits", *(f"~suite.methods.{name}" for name in ("sid", "di", "progressive", "direct",
+                                                                       "dmd2", "sida", "cd", "ect")),
+            "suite.budget_tfe=330", "suite.seeds=[0,1]",
             "suite.eval.noise_seeds=[0,1]", "suite.eval.n=128", "suite.eval.batch_size=128",
             "suite.eval.curve_points=1", "~suite.teacher_samplers.dpmpp2m", "suite.teacher_samplers.heun=[2]",
             'suite.train=["data=gmm_digits","teacher=gmm_digits","metrics=gmm_digits",'
