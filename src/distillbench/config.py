@@ -116,9 +116,12 @@ register_resolvers()
 ASSETS_MARK = "<assets>"
 
 
-def relocatable(node, assets_dir: str | Path):
+def relocatable(node, assets_dir: str | Path | None):
     """``node`` (plain containers) with every path inside ``assets_dir`` written from ``<assets>``, so that a
-    record made in one checkout matches the same record made in a moved or reinstalled one."""
+    record made in one checkout matches the same record made in a moved or reinstalled one (``node`` itself
+    without an ``assets_dir``)."""
+    if assets_dir is None:
+        return node
     assets = str(assets_dir)
     if isinstance(node, dict):
         return {key: relocatable(value, assets) for key, value in node.items()}

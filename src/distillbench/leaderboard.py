@@ -297,7 +297,8 @@ def fairness_record(cfg: DictConfig, protocol: dict, training: bool) -> dict:
     n = cfg.eval.n if training else cfg.n
     metrics = {k: v for k, v in OmegaConf.to_container(cfg.metrics).items() if k not in ("n", "cache_dir")}
     teacher = OmegaConf.to_container(cfg.teacher)
-    assets = cfg.paths.assets_dir  # each cell's own: cells made in another checkout still compare
+    # each cell's own assets folder (none recorded: paths as they are), so cells of a moved checkout compare
+    assets = OmegaConf.select(cfg, "paths.assets_dir", default=None)
     return {
         "teacher": relocatable(teacher, assets),
         "metrics": relocatable(metrics, assets),
