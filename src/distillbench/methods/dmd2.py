@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillbench.errors import ConfigError
 from distillbench.methods.base import evaluating
 from distillbench.methods.bottleneck import bottleneck_of, with_bottleneck
 from distillbench.methods.score import ScoreDistillation, mean_abs
@@ -144,28 +143,14 @@ class DMD2(ScoreDistillation):
     def fake_parameters(self) -> list[torch.nn.Parameter]:
         return [*self.fake.parameters(), *(self.head.parameters() if self.gan else ())]
 
-    def unpack(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(real images or None, labels or None) of a training batch."""
-        if not self.trains_on_real_data:
-            labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
-            return None, labels
-        x_real = batch[0]
-        if x_real.shape[0] != self.batch_per_device:
-            raise ConfigError(
-                f"the data batches hold {x_real.shape[0]} images per process but method.batch_size="
-                f"{self.batch_size} makes {self.batch_per_device}: give the data module method.batch_size"
-            )
-        return x_real, batch[1] if self.num_classes and len(batch) > 1 else None
-
     def training_step(self, batch, batch_idx):
         x_real, labels = self.unpack(batch)
         opt_g, opt_f = self.optimizers()
         h = self.hparams
-        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
         for index in range(h.fake_updates):
             loss_f = self.finite_mean(self.fake_loss(x_real, labels, index))
             self.step_optimizer(
-                opt_f, loss_f, self.fake_parameters(), h.loss_scaling, fake_lr, self.grad_clip
+                opt_f, loss_f, self.fake_parameters(), h.loss_scaling, self.fake_lr, self.grad_clip
             )
         # θ-step: ψ and the head frozen and in eval mode (docs/algorithms.md §9); gradients reach x_g through
         # the head's input only
@@ -181,12 +166,7 @@ class DMD2(ScoreDistillation):
         for net in frozen:
             net.requires_grad_(True)
         self.after_generator_step()
-        self.log_train(
-            {"train/loss_fake": loss_f.detach(), "train/loss_gen": loss_g.detach(), "train/kimg": self.kimg,
-             "train/gen_step": float(self.count("gen_steps")),
-             "train/dropped_samples": self.dropped_samples.float(),
-             "train/nonfinite_grads": self.nonfinite_grads.float()}
-        )  # fmt: skip
+        self.log_step(loss_f, loss_g)
 
     def anatomy(self):
         """Per generator image, k = fake_updates: k ψ-steps (G forward; ψ forward and backward, with the GAN
@@ -200,7 +180,6 @@ class DMD2(ScoreDistillation):
 
     def configure_optimizers(self):
         h = self.hparams
-        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
         adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=tuple(h.betas), eps=h.eps,  # noqa: E731
                                                      weight_decay=self.weight_decay)  # fmt: skip
-        return [adamw(self.generator.parameters(), h.lr), adamw(self.fake_parameters(), fake_lr)]
+        return [adamw(self.generator.parameters(), h.lr), adamw(self.fake_parameters(), self.fake_lr)]

@@ -28,6 +28,7 @@ import math
 import torch
 
 from distillbench.data.base import per_device_batch
+from distillbench.errors import ConfigError
 from distillbench.methods.base import DistillationMethod, adam, evaluating
 from distillbench.methods.checks import starting_network
 from distillbench.rules import OPTIONAL_POSITIVE, POSITIVE, betas, integer, number, optional
@@ -142,15 +143,45 @@ class ScoreDistillation(DistillationMethod):
             x_g = self.generate(z, labels)
         return edm_loss(self.synced("fake"), x_g, labels, normal=lambda shape: self.randn(*shape)).flatten()
 
+    @property
+    def fake_lr(self) -> float:
+        """The fake score's learning rate: ``fake_lr``, else the generator's ``lr``."""
+        h = self.hparams
+        return h.fake_lr if h.fake_lr is not None else h.lr
+
+    def unpack(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(real images, labels) of a training batch: images only when the method trains on real data (its
+        batch must be this rank's share of ``method.batch_size``), labels only for a conditional teacher."""
+        if not self.trains_on_real_data:  # a noise batch holds the labels alone (−1: none)
+            labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
+            return None, labels
+        x_real = batch[0]
+        if x_real.shape[0] != self.batch_per_device:
+            raise ConfigError(
+                f"the data batches hold {x_real.shape[0]} images per process but method.batch_size="
+                f"{self.batch_size} makes {self.batch_per_device}: give the data module method.batch_size"
+            )
+        return x_real, batch[1] if self.num_classes and len(batch) > 1 else None
+
+    def log_step(self, loss_fake: torch.Tensor, loss_gen: torch.Tensor | None = None) -> None:
+        """The step's ``train/*`` scalars: the losses (the generator's when it stepped), progress, guards."""
+        losses = {"train/loss_fake": loss_fake.detach()}
+        if loss_gen is not None:
+            losses["train/loss_gen"] = loss_gen.detach()
+        self.log_train(
+            {**losses, "train/kimg": self.kimg, "train/gen_step": float(self.count("gen_steps")),
+             "train/dropped_samples": self.dropped_samples.float(),
+             "train/nonfinite_grads": self.nonfinite_grads.float()}
+        )  # fmt: skip
+
     def training_step(self, batch, batch_idx):
-        labels = batch if self.num_classes and batch is not None and (batch >= 0).all() else None
+        _, labels = self.unpack(batch)
         opt_g, opt_f = self.optimizers()
         h = self.hparams
-        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
         for index in range(self.hparams.fake_updates):
             self.fake.requires_grad_(True)
             loss_f = self.finite_mean(self.fake_score_loss(labels, index))
-            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), h.loss_scaling, lr=fake_lr)
+            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), h.loss_scaling, lr=self.fake_lr)
         # θ-step: ψ frozen and in eval mode (no dropout sample in its prediction, as in the official loops);
         # gradients flow through its input
         self.fake.requires_grad_(False)
@@ -160,12 +191,7 @@ class ScoreDistillation(DistillationMethod):
         self.step_optimizer(opt_g, loss_g, self.generator.parameters(), h.loss_scaling_g, lr=h.lr)
         self.fake.requires_grad_(True)
         self.after_generator_step()
-        self.log_train(
-            {"train/loss_fake": loss_f.detach(), "train/loss_gen": loss_g.detach(), "train/kimg": self.kimg,
-             "train/gen_step": float(self.count("gen_steps")),
-             "train/dropped_samples": self.dropped_samples.float(),
-             "train/nonfinite_grads": self.nonfinite_grads.float()}
-        )  # fmt: skip
+        self.log_step(loss_f, loss_g)
 
     def anatomy(self) -> list[tuple[torch.nn.Module, int, int]]:
         """Per generator image: k ψ-steps (G forward; ψ forward and backward), then the θ-step (G forward and
@@ -191,9 +217,8 @@ class ScoreDistillation(DistillationMethod):
 
     def configure_optimizers(self):
         h = self.hparams
-        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
         return [adam(self.generator.parameters(), h.lr, h.betas, h.eps),
-                adam(self.fake.parameters(), fake_lr, h.betas, h.eps)]  # fmt: skip
+                adam(self.fake.parameters(), self.fake_lr, h.betas, h.eps)]  # fmt: skip
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels=None, use_ema: bool = True) -> torch.Tensor:

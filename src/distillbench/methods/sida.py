@@ -120,26 +120,15 @@ class SiDA(SiD):
         return weight * per_sample_sum((d - x_g) ** 2) + self.gan_weight_d * weight * bce / 2
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(real images, labels or None) of a training batch."""
-        x_real = batch[0]
-        if x_real.shape[0] != self.batch_per_device:
-            raise ConfigError(
-                f"the data batches hold {x_real.shape[0]} images per process but method.batch_size="
-                f"{self.batch_size} makes {self.batch_per_device}: give the data module method.batch_size"
-            )
-        return x_real, batch[1] if self.num_classes and len(batch) > 1 else None
-
     def training_step(self, batch, batch_idx):
         x_real, labels = self.unpack(batch)
         opt_g, opt_f = self.optimizers()
         h = self.hparams
-        fake_lr = h.fake_lr if h.fake_lr is not None else h.lr
         for index in range(h.fake_updates):
             loss_f = self.finite_mean(self.fake_loss(x_real, labels, index))
-            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), h.loss_scaling, fake_lr,
+            self.step_optimizer(opt_f, loss_f, self.fake.parameters(), h.loss_scaling, self.fake_lr,
                                 grad_clip_value=self.fake_grad_clip_value)  # fmt: skip
-        metrics = {"train/loss_fake": loss_f.detach()}
+        loss_g = None
         if self.generator_on:  # θ-step: ψ frozen and in eval mode (docs/algorithms.md §9)
             self.fake.requires_grad_(False)
             with evaluating(self.fake):
@@ -147,13 +136,8 @@ class SiDA(SiD):
                 loss_g = self.finite_mean(self.generator_loss(x_g, labels))
             self.step_optimizer(opt_g, loss_g, self.generator.parameters(), h.loss_scaling_g, h.lr)
             self.fake.requires_grad_(True)
-            metrics["train/loss_gen"] = loss_g.detach()
         self.after_generator_step()
-        self.log_train(
-            {**metrics, "train/kimg": self.kimg, "train/gen_step": float(self.count("gen_steps")),
-             "train/dropped_samples": self.dropped_samples.float(),
-             "train/nonfinite_grads": self.nonfinite_grads.float()}
-        )  # fmt: skip
+        self.log_step(loss_f, loss_g)
 
     def anatomy(self):
         """Per generator image, k = fake_updates: k ψ-steps (G forward; ψ forward and backward on generator
