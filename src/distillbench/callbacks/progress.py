@@ -12,23 +12,21 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 class KimgProgressBar(TQDMProgressBar):
     """``train  42%|████      | 5.12/12.00 kimg [01:10<01:35] loss_fake=… loss_gen=…``.
 
-    ``total_kimg`` is the run's planned duration (None: unknown, e.g. stages budgeted in optimiser steps;
-    the bar then counts kimg without a total or an ETA)."""
+    ``total_kimg`` is the run's planned duration (:meth:`DistillationMethod.planned_kimg`)."""
 
     TRAIN_FORMAT = (
         "{desc} {percentage:3.0f}%|{bar:20}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}] {postfix}"
     )
-    OPEN_FORMAT = "{desc} {n:.2f} kimg [{elapsed}] {postfix}"
 
-    def __init__(self, total_kimg: float | None, refresh_rate: int = 1):
+    def __init__(self, total_kimg: float, refresh_rate: int = 1):
         super().__init__(refresh_rate=refresh_rate)
-        self.total_kimg = None if total_kimg is None else float(total_kimg)
+        self.total_kimg = float(total_kimg)
 
     def init_train_tqdm(self):
         """Lightning's training bar, made with this format and total (a bar prints when it is made)."""
         return Tqdm(desc="train", total=self.total_kimg, position=2 * self.process_position,
                     disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
-                    bar_format=self.TRAIN_FORMAT if self.total_kimg else self.OPEN_FORMAT)  # fmt: skip
+                    bar_format=self.TRAIN_FORMAT)  # fmt: skip
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         if self._leave:
@@ -40,7 +38,7 @@ class KimgProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar
         if bar is not None and self._should_update(batch_idx + 1, None):
-            bar.n = min(pl_module.kimg, self.total_kimg) if self.total_kimg else pl_module.kimg
+            bar.n = min(pl_module.kimg, self.total_kimg)
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 

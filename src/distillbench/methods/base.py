@@ -115,8 +115,8 @@ class DistillationMethod(ComputeAccounting, L.LightningModule):
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Samples from noise ``z`` (and labels) with the weights the method is evaluated with."""
 
-    def planned_kimg(self) -> float | None:
-        """The generator kimg the run will train for (None when its stages are budgeted in steps)."""
+    def planned_kimg(self) -> float:
+        """The generator kimg the run will train for (a method that ends itself states its stages' sum)."""
         return self.duration_kimg
 
     @property
