@@ -218,9 +218,10 @@ def sampler_cell(out_dir: Path, sampler: str, steps: int) -> Path:
 
 
 def training_cells(suite: DictConfig, out_dir: Path):
-    """(method name, seed, folder) of every training cell."""
-    for name in suite.methods:
-        for seed in suite.seeds:
+    """(method name, seed, folder) of every training cell, seed by seed: a suite stopped part-way holds
+    whole seeds of every method."""
+    for seed in suite.seeds:
+        for name in suite.methods:
             yield name, seed, training_cell(out_dir, name, seed)
 
 
