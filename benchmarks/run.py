@@ -77,12 +77,12 @@ GOALS = {"overhead": 1.05, "sampling": 30.0, "direct": 0.5}
 
 
 # ---- building ----------------------------------------------------------------------------------------------
-def make_trajectories(folder: Path) -> Path:
-    """A small set of digits teacher trajectories (N = 20, pairs at k = 10) for direct distillation."""
+def make_trajectories(folder: Path, n: int = 512) -> Path:
+    """``n`` digits teacher trajectories (N = 20, pairs at k = 10) for direct distillation."""
     out = folder / "pairs"
     if not (out / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "distillbench.make_trajectories",
-                        "teacher=digits", "steps=20", "indices=[10]", "n=512", "threads=2",
+                        "teacher=digits", "steps=20", "indices=[10]", f"n={n}", "threads=2",
                         f"out_dir={out}", f"hydra.run.dir={folder / 'make_pairs'}"],
                        check=True, capture_output=True, cwd=ROOT)  # fmt: skip
     return out

@@ -12,7 +12,7 @@ from benchmarks.run import METHODS, agree, bare_loop, build_run, main, make_traj
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench")
-    make_trajectories(path)
+    make_trajectories(path, n=128)  # two batches of the benchmark's 64
     return path
 
 

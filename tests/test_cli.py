@@ -12,11 +12,11 @@ import torch
 
 from distillbench.methods import DistillationMethod
 from distillbench.validation import validate_train_config
-from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli, run_folder, run_in_process
+from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli, run_folder, run_here, run_in_process
 
 
 def test_sample_analytic_toy2d_writes_the_output_contract(tmp_path):
-    proc = run_cli(
+    proc = run_here(
         "distillbench.sample", "data=toy2d", "teacher=analytic", "sampler=heun", "n=2000",
         "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path,
     )  # fmt: skip
@@ -32,7 +32,7 @@ def test_sample_analytic_toy2d_writes_the_output_contract(tmp_path):
 
 
 def test_teacher_training_cli_saves_a_loadable_teacher(tmp_path):
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train_teacher", "data=toy2d", "trainer.max_steps=5", "data.n_train=512",
         "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path,
     )  # fmt: skip
@@ -114,7 +114,7 @@ def test_every_experiment_config_composes_and_instantiates(experiment):
 
 
 def test_sample_the_shipped_digits_teacher(tmp_path):
-    proc = run_cli(
+    proc = run_here(
         "distillbench.sample", "teacher=digits", "sampler=dpmpp2m", "sampler.steps=4", "n=32",
         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )  # fmt: skip
@@ -160,7 +160,7 @@ def test_bf16_mixed_precision_trains_fp32_weights_through_bf16_networks(tmp_path
     """trainer.precision: 32-true (default) or bf16-mixed (autocast; weights and preconditioning in fp32)."""
     runs = {}
     for precision in ("32-true", "bf16-mixed"):
-        run_cli("distillbench.train", "method=sid", "data=digits", f"trainer.precision={precision}",
+        run_here("distillbench.train", "method=sid", "data=digits", f"trainer.precision={precision}",
                 "method.batch_size=8", "method.duration_kimg=0.016", "eval.n=64", "eval.teacher=false",
                 "logger=csv", f"hydra.run.dir={tmp_path / precision}", cwd=tmp_path)  # fmt: skip
         runs[precision] = torch.load(tmp_path / precision / "checkpoints/last.ckpt", weights_only=False)
@@ -180,11 +180,19 @@ def test_debug_fast_shortens_train_and_teacher():
     assert teacher.trainer.max_steps == 5
 
 
-def test_the_training_bar_counts_kimg_of_the_total_with_an_eta(tmp_path, monkeypatch, capsys):
+def test_the_training_bar_counts_kimg_of_the_total_with_an_eta_and_evaluations_show_theirs(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_in_process("distillbench.train", "debug=fast", "data=toy2d", "threads=1",
+                                    "eval.n=300", "eval.batch_size=100",
                                     f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     assert code == 0, err[-2000:]
-    bars = [line for line in (out + err).replace("\r", "\n").splitlines() if line.startswith("train")]
+    lines = (out + err).replace("\r", "\n").splitlines()
+    bars = [line for line in lines if line.startswith("train")]
     assert bars and "0.13/0.13 kimg [" in bars[-1] and "<" in bars[-1], bars[-1:]
     assert "loss_gen=" in bars[-1] and "Epoch" not in out + err
+    evaluations = [line for line in lines if line.startswith("eval @ 0.00 kimg")]
+    assert evaluations and "0/300 samples" in evaluations[0], evaluations
+    assert "300/300 samples" in evaluations[-1] and "metrics of 300 samples" in evaluations[-1], evaluations
+    assert any(line.startswith("eval @ 0.13 kimg") for line in lines), "the last evaluation has its bar too"

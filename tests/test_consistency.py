@@ -269,8 +269,12 @@ def test_a_budget_sets_the_whole_steps_that_spend_it(cls, per_sample):
         (ECT, {"q": 1.0}, "method.q=1.0 must be a number > 1"),
         (ECT, {"double_kimg": 0}, "method.double_kimg=0 must be a number > 0"),
         (ECT, {"optimizer": "sgd"}, "method.optimizer='sgd' is not one of"),
-        (ECT, {"sample_steps": 2, "sample_sigmas": [90.0]}, r"method.sample_sigmas=\[90.0\] must hold"),
-        (ECT, {"sample_steps": 3, "sample_sigmas": [1.0]}, "must hold sample_steps − 1 = 2"),
+        (
+            ECT,
+            {"sample_steps": 2, "sample_sigmas": [90.0]},
+            r"method.sample_sigmas=\[90.0\] must be descending",
+        ),
+        (ECT, {"sample_steps": 3, "sample_sigmas": [1.0]}, "has 1 entries but method.sample_steps=3 needs 2"),
     ],
 )
 def test_bad_settings_fail_in_init(cls, kwargs, match):

@@ -11,7 +11,7 @@ import yaml
 
 from distillbench.callbacks.evaluation import PeriodicEvaluation, declare_wandb_metrics, gather_shards, shard
 from distillbench.sweeps import check_one_protocol, load_sweep, plot_sweep, swept_keys
-from tests.helpers import compose, run_cli
+from tests.helpers import compose, run_here
 
 TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.064", "eval.n=256",
         "eval.every_kimg=0.032", "teacher_sampler.steps=2"]  # fmt: skip
@@ -21,7 +21,7 @@ TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.064", "eva
 def sweep_2x2(tmp_path_factory):
     """``-m method=sim,sid method.lr=1e-4,1e-3`` on toy2d: four tiny jobs under one sweep folder."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", "-m", "method=sim,sid", "method.lr=1e-4,1e-3", *TINY,
         f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
     )  # fmt: skip
@@ -69,7 +69,7 @@ def test_a_sweep_loads_and_plots_from_a_notebook(sweep_2x2, tmp_path):
 
 
 def test_a_sweep_with_an_unknown_key_fails_before_any_job_runs(tmp_path):
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", "-m", "method=sim,sid", "method.lrr=1e-4,1e-5", *TINY,
         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False,
     )  # fmt: skip
@@ -240,7 +240,7 @@ def tensorboard_events(folder):
 
 def test_tensorboard_gets_the_curves_against_generator_steps_and_a_grid_per_evaluation(tmp_path):
     run = f"hydra.run.dir={tmp_path / 'run'}"
-    run_cli("distillbench.train", *TINY, "logger=[csv,tensorboard]", run, cwd=tmp_path)
+    run_here("distillbench.train", *TINY, "logger=[csv,tensorboard]", run, cwd=tmp_path)
     events = tensorboard_events(tmp_path / "run" / "tensorboard")
     values = [(e.step, v.tag) for e in events for v in e.summary.value]
     assert [step for step, tag in values if tag == "eval/samples"] == [0, 2, 4]

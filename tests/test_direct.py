@@ -32,7 +32,7 @@ from distillbench.samplers.partial import first_steps, trajectory
 from distillbench.teachers.checkpoint import load_denoiser
 from distillbench.teachers.denoiser import Denoiser, edm_coefficients
 from distillbench.teachers.diffusers_adapter import DiffusersDenoiser
-from tests.helpers import run_cli, run_folder
+from tests.helpers import run_folder, run_here
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TEACHER = ROOT / "src/distillbench/assets/teachers/digits"
@@ -191,7 +191,7 @@ def test_the_parameter_count_command_prints_every_preset_as_the_docs_record_it()
 
 # ---- trajectories ------------------------------------------------------------------------------------------
 def test_the_command_writes_shards_and_manifest_then_skips_them_and_resumes(tmp_path):
-    proc = run_cli("distillbench.make_trajectories", "teacher=digits", *TINY,
+    proc = run_here("distillbench.make_trajectories", "teacher=digits", *TINY,
                    f"out_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'run'}",
                    cwd=tmp_path)  # fmt: skip
     summary = json.loads((run_folder(proc) / "summary.json").read_text())
@@ -470,7 +470,7 @@ def test_sample_takes_k_teacher_steps_then_the_student_nfe_k_plus_one(digits_tea
 
 
 def test_the_train_command_runs_both_stages_at_k_plus_one_nfe(tmp_path, shards):
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", "method=direct", "data=trajectories", f"data.root={shards}",
         "+data@data.like=digits", "teacher=digits", "metrics=digits", "sampler@teacher_sampler=dpmpp2m",
         f"teacher_sampler.steps={STEPS}", f"method.steps={STEPS}", "method.k=2", "method.iterations=2",
@@ -486,7 +486,7 @@ def test_the_train_command_runs_both_stages_at_k_plus_one_nfe(tmp_path, shards):
 
 
 def test_training_on_the_evaluation_noise_s_trajectories_is_refused_before_any_work(tmp_path, shards):
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", "method=direct", "data=trajectories", f"data.root={shards}",
         "+data@data.like=digits", "teacher=digits", "metrics=digits", "eval.noise_seed=1",
         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False,
@@ -578,7 +578,7 @@ def test_other_settings_into_a_finished_folder_are_refused_and_the_cli_exits_2(t
         ConfigError, match=r"holds trajectories made with other settings \(n, splits differ\)"
     ):
         make_trajectories(tmp_path, "n=20")
-    proc = run_cli("distillbench.make_trajectories", "teacher=digits", "indices=[0]",
+    proc = run_here("distillbench.make_trajectories", "teacher=digits", "indices=[0]",
                    f"out_dir={tmp_path / 'x'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "indices=[0] holds 0, outside [1, 19]" in proc.stderr

@@ -380,10 +380,10 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_bit_for_bit(method, tmp
     import time
 
     from distillbench.utils.checkpoints import read_checkpoint
-    from tests.helpers import run_cli
+    from tests.helpers import run_here
 
     overrides = [*RESUME, *RESUMED[method]]
-    run_cli("distillbench.train", *overrides, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
+    run_here("distillbench.train", *overrides, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
     env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(tmp_path / "cache"))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "distillbench.train", "threads=1", *overrides,
@@ -394,7 +394,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_bit_for_bit(method, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it was killed"
-    proc = run_cli("distillbench.train", *overrides, f"resume={killed}", cwd=tmp_path)
+    proc = run_here("distillbench.train", *overrides, f"resume={killed}", cwd=tmp_path)
     assert "resuming from" in proc.stdout
 
     whole, resumed = (read_checkpoint(f / "checkpoints" / "last.ckpt") for f in (tmp_path / "whole", killed))

@@ -13,7 +13,7 @@ import torch
 from distillbench.errors import ConfigError
 from distillbench.evaluate import COLUMNS, as_cell, build, find_row, noise_means, read_table, upsert_row
 from distillbench.runs import LATER_COUNTERS, load_run
-from tests.helpers import compose, run_cli, run_folder
+from tests.helpers import compose, run_folder, run_here
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def workspace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def student_run(workspace) -> Path:
     """A tiny toy2d SIM training run (two generator steps)."""
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", "data=toy2d", "method.batch_size=16", "method.duration_kimg=0.032",
         "eval.n=64", "eval.every_kimg=1", "eval.teacher=false", "logger=csv",
         f"hydra.run.dir={workspace / 'train'}", cwd=workspace,
@@ -34,7 +34,7 @@ def student_run(workspace) -> Path:
 
 
 def evaluate(workspace: Path, results: Path, *overrides: str, check: bool = True):
-    return run_cli("distillbench.evaluate", f"results={results}", *overrides, cwd=workspace, check=check)
+    return run_here("distillbench.evaluate", f"results={results}", *overrides, cwd=workspace, check=check)
 
 
 def test_student_run_adds_a_row_that_matches_training_evaluation(workspace, student_run, tmp_path):

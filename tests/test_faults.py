@@ -29,7 +29,7 @@ from distillbench.utils.checkpoints import (
     write_checkpoint,
 )
 from distillbench.utils.command import RUN_MARKER, claim_run_folder, disk_full_in, out_of_space_message
-from tests.helpers import run_cli, run_folder, run_in_process
+from tests.helpers import run_cli, run_folder, run_here, run_in_process
 from tests.test_resume import poison_teacher, toy_run
 
 # 10 generator steps of 32 on the toy 2-D data, a checkpoint after steps 5 and 10
@@ -55,7 +55,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def whole(tmp_path_factory) -> Path:
     """An uninterrupted run."""
     tmp = tmp_path_factory.mktemp("faults")
-    run_cli("distillbench.train", *RUN, f"hydra.run.dir={tmp / 'whole'}", cwd=tmp)
+    run_here("distillbench.train", *RUN, f"hydra.run.dir={tmp / 'whole'}", cwd=tmp)
     return tmp / "whole"
 
 
@@ -83,7 +83,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders_and_a_used_folder
         assert len((folder / "eval.csv").read_text().splitlines()) == 1 + 3, "its own three evaluations"
 
     before = snapshot(folders[0])
-    proc = run_cli("distillbench.train", *RUN, f"hydra.run.dir={folders[0]}", cwd=tmp_path, check=False)
+    proc = run_here("distillbench.train", *RUN, f"hydra.run.dir={folders[0]}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "already holds a run" in proc.stderr and f"resume={folders[0]}" in proc.stderr
     assert snapshot(folders[0]) == before, "the finished run's files are untouched"
@@ -114,7 +114,7 @@ def test_of_two_runs_claiming_one_new_folder_at_once_exactly_one_proceeds(tmp_pa
 # ---- resume ------------------------------------------------------------------------------------------------
 def test_a_learning_rate_changed_on_resume_reaches_the_restored_optimisers(whole, tmp_path):
     changed = copy_at_step_five(whole, tmp_path / "changed")
-    run_cli("distillbench.train", f"resume={changed}", "method.lr=3e-4", cwd=tmp_path)
+    run_here("distillbench.train", f"resume={changed}", "method.lr=3e-4", cwd=tmp_path)
 
     # the reference: the same checkpoint, its optimisers' rate and the config rewritten to 3e-4 by hand
     reference = copy_at_step_five(whole, tmp_path / "reference")
@@ -127,7 +127,7 @@ def test_a_learning_rate_changed_on_resume_reaches_the_restored_optimisers(whole
     config = OmegaConf.load(reference / "config.yaml")
     config.method.lr = 3e-4
     (reference / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    run_cli("distillbench.train", f"resume={reference}", cwd=tmp_path)
+    run_here("distillbench.train", f"resume={reference}", cwd=tmp_path)
 
     assert same_weights(weights(changed), weights(reference)), "as if the run had been saved with that rate"
     assert not same_weights(weights(changed), weights(whole)), "the new rate changed the second half"
@@ -144,7 +144,7 @@ def test_a_run_killed_during_a_checkpoint_write_resumes_exactly_and_its_orphans_
     digest_path(ckpt / "step_0000010.ckpt").write_text("0" * 64 + "\n")
     (ckpt / ".last.ckpt.link").write_bytes(b"")
     (folder / ".eval.csv.a1b2.tmp").write_text("kimg\n")
-    proc = run_cli("distillbench.train", f"resume={folder}", cwd=tmp_path)
+    proc = run_here("distillbench.train", f"resume={folder}", cwd=tmp_path)
     assert "step_0000005.ckpt" in proc.stdout
     assert same_weights(weights(folder), weights(whole)), "bit for bit as the uninterrupted run"
     assert not list(folder.rglob("*.tmp")) and not list(folder.rglob("*.link"))
@@ -162,7 +162,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start_in_its_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(folder.glob("checkpoints/*.ckpt")), "killed before its first checkpoint"
-    proc = run_cli("distillbench.train", f"resume={folder}", cwd=tmp_path)
+    proc = run_here("distillbench.train", f"resume={folder}", cwd=tmp_path)
     assert "starts again from the beginning" in proc.stdout and run_folder(proc) == folder
     assert same_weights(weights(folder), weights(whole))
     assert (folder / "eval.csv").read_text() == (whole / "eval.csv").read_text()
@@ -172,6 +172,7 @@ def test_a_refused_resume_writes_nothing_into_the_run_folder(whole, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(whole, folder)
     before = snapshot(folder)
+    # a subprocess: what the refused attempt created is told from what was there by the process start time
     proc = run_cli("distillbench.train", f"resume={folder}", "method.batch_size=64", cwd=tmp_path,
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "method.batch_size cannot change on resume" in proc.stderr

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distillbench.gpu_check import PastDeadline, deadline, settings_of
-from tests.helpers import run_cli
+from tests.helpers import run_here
 
 TINY_NET = ["sample_shape=[3,8,8]", "net.img_resolution=8", "net.model_channels=16", "net.channel_mult=[1,1]",
             "net.num_blocks=1", "net.attn_resolutions=[4]", "batch_size=2", "warmup=1", "steps=2",
@@ -21,7 +21,7 @@ def test_every_case_gets_a_row_with_throughput_profiles_and_the_tables(tmp_path)
     cases = ("cases=[{method:sid,profile:true},{method:sid,precision:bf16-mixed,channels_last:true},"
              "{method:sim,like:fastest,matmul:high},{method:di,compile:true},"
              "{experiment:paper/cifar10_sid,like:fastest,seconds:1,batch:2}]")  # fmt: skip
-    run_cli("distillbench.gpu_check", *TINY_NET, cases, "compile_backend=eager", f"out={out}",
+    run_here("distillbench.gpu_check", *TINY_NET, cases, "compile_backend=eager", f"out={out}",
             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     result = json.loads(out.read_text())
     assert result["device"].startswith("CPU") and result["network"] == "SongUNet" and result["parameters"] > 0
@@ -48,7 +48,7 @@ def test_every_case_gets_a_row_with_throughput_profiles_and_the_tables(tmp_path)
 def test_cases_past_the_budget_are_recorded_as_skipped(tmp_path):
     out = tmp_path / "check.json"
     cases = "cases=[{method:di},{method:sid,compile:true}]"
-    run_cli("distillbench.gpu_check", *TINY_NET, cases, "budget_s=-1", f"out={out}",
+    run_here("distillbench.gpu_check", *TINY_NET, cases, "budget_s=-1", f"out={out}",
             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(r["status"].startswith("skipped: would end past budget_s") for r in rows)
@@ -80,7 +80,7 @@ def test_like_fastest_takes_the_fastest_sid_settings_the_case_does_not_name():
 
 
 def test_an_unknown_method_exits_2_before_any_work(tmp_path):
-    proc = run_cli("distillbench.gpu_check", "cases=[{method:sim},{method:dmd}]",
+    proc = run_here("distillbench.gpu_check", "cases=[{method:sim},{method:dmd}]",
                    f"out={tmp_path / 'c.json'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "unknown method 'dmd'" in proc.stderr

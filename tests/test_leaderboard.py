@@ -29,11 +29,12 @@ from distillbench.leaderboard import (
     settle_cell,
     teacher_overrides,
     train_overrides,
+    within_family,
 )
 from distillbench.methods.accounting import unit_of_config
 from distillbench.validation import validate_train_config
 from tests.helpers import compose as compose_config
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_here
 
 #: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
 SMALL = ["suite=toy2d", "~suite.methods.di", "suite.budget_tfe=15000", "suite.teacher_samplers={heun:[2]}"]
@@ -59,7 +60,7 @@ def test_bad_suites_fail_before_any_cell_runs(overrides, match):
         check_suite(suite("suite=toy2d", *overrides))
 
 
-SHIPPED = ["digits", "mnist", "cifar10", "toy2d", "gmm_digits", "gmm_mnist"]
+SHIPPED = sorted(path.stem for path in (Path(CONFIG_DIR) / "suite").glob("*.yaml"))
 
 
 def test_every_shipped_suite_passes_its_checks():
@@ -75,6 +76,34 @@ def test_the_gmm_suites_run_every_method_on_three_seeds_and_three_noise_sets_in_
         assert len(shipped.seeds) >= 3 and len(noise_sets(shipped)) >= 3 and shipped.teacher_samplers
         cfg = compose_config("train", train_overrides(shipped, "sim", 0, Path("/tmp")))
         assert unit_of_config(cfg.teacher).name == "SFE" and cfg.teacher._target_.endswith("gmm_teacher")
+
+
+def test_the_lr_suite_runs_four_score_methods_at_five_rates_on_the_gmm_digits_cells():
+    lr, digits = suite("suite=gmm_digits_lr"), suite("suite=gmm_digits")
+    assert len(lr.methods) == 4 * 5 and lr.budget_tfe == digits.budget_tfe and lr.eval == digits.eval
+    assert lr.seeds == digits.seeds and not lr.teacher_samplers
+    assert lr.methods["sim@1e-4"] == [*digits.methods["sim"], "method.lr=1e-4"]
+    cfg = compose_config("train", train_overrides(lr, "dmd2@1e-3", 0, Path("/tmp")))
+    assert cfg.method.lr == 1e-3 and cfg.method._target_.endswith("DMD2")
+
+
+def test_a_family_s_settings_are_read_against_its_own_best():
+    rows = [{"method": f"{family}@{lr}", "nfe": 1, "seed": seed, "noise_seed": noise,
+             "fid": base + shift + 0.01 * seed + 0.02 * noise, "log_density_gap": -1.0 - shift,
+             "coverage_tv": 0.1}
+            for family, base in (("sim", 2.0), ("sid", 3.0))
+            for lr, shift in (("1e-4", 0.0), ("1e-3", 0.005), ("1e-5", 1.0))
+            for seed in range(3) for noise in range(3)]  # fmt: skip
+    rows.append({"method": "floor", "nfe": 0, "seed": 0, "noise_seed": 0, "fid": 1.0,
+                 "log_density_gap": 0.0, "coverage_tv": 0.0})  # fmt: skip
+    read = within_family(pd.DataFrame(rows)).set_index(["family", "setting"])
+    assert sorted(set(read.index.get_level_values(0))) == ["sid", "sim"] and (read["repeats"] == 9).all()
+    fid = read["fid_verdict"]
+    assert fid[("sim", "1e-4")] == fid[("sid", "1e-4")] == "best"
+    assert fid[("sim", "1e-3")] == "tied" and fid[("sim", "1e-5")] == "worse"
+    slow = read.loc[("sim", "1e-5")]
+    assert slow["fid_mean"] == pytest.approx(3.03) and slow["fid_ci"] > 0
+    assert read.loc[("sim", "1e-4"), "log_density_gap_verdict"] == "best"  # by the distance from 0
 
 
 def test_evaluation_noise_sets_must_start_with_the_training_one_and_avoid_the_trajectories():
@@ -255,7 +284,7 @@ TINY_GMM = ["suite=gmm_digits", *(f"~suite.methods.{name}" for name in ("sid", "
 
 def test_a_tiny_gmm_suite_reports_intervals_verdicts_the_floor_and_both_units(tmp_path):
     out = tmp_path / "board"
-    run_cli("distillbench.leaderboard", *TINY_GMM, f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
+    run_here("distillbench.leaderboard", *TINY_GMM, f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
             "threads=1", cwd=tmp_path)  # fmt: skip
     table = pd.read_csv(out / "leaderboard.csv")
     students = table[table["method"] == "sim"]

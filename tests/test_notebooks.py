@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_here
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.032", "eval.n=256",
@@ -23,11 +23,11 @@ def saved_sweeps(tmp_path_factory):
     """The real experiment configs, shrunk to toy2d and two settings each, run into ``<root>/outputs``."""
     root = tmp_path_factory.mktemp("notebooks")
     logs = f"paths.log_dir={root / 'outputs'}"
-    run_cli(
+    run_here(
         "distillbench.train", "experiment=lr_robustness", "method=sim,sid", "seed=0", *TINY, logs, cwd=root
     )
     for name, values in ABLATIONS.items():
-        run_cli("distillbench.train", f"experiment=ablation/{name}", values, *TINY, logs, cwd=root)
+        run_here("distillbench.train", f"experiment=ablation/{name}", values, *TINY, logs, cwd=root)
     return root
 
 

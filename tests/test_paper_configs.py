@@ -12,7 +12,7 @@ import pytest
 from distillbench.nets import UNetBackbone
 from distillbench.teachers.checkpoint import save_denoiser
 from distillbench.teachers.denoiser import EDMDenoiser
-from tests.helpers import compose, run_cli, run_folder
+from tests.helpers import compose, run_folder, run_here
 from tests.test_data import write_cifar_batches
 
 PAPER = {  # config: (method, conditional, batch, expected FID quoted in the file)
@@ -59,7 +59,7 @@ def test_paper_experiment_has_the_paper_settings_and_runs_one_step(name, standin
     assert f"FID {fid}" in (CONF / f"{name}.yaml").read_text(), "the file quotes the paper's FID"
 
     teacher = standins["cond" if conditional else "uncond"]
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", f"experiment=paper/{name}", "trainer=cpu", f"data.root={standins['cifar']}",
         "data.download=false", f"teacher.path={teacher}",
         "metrics.extractor._target_=distillbench.metrics.IdentityFeatures", "+metrics.extractor.dim=3072",

@@ -444,9 +444,9 @@ def test_the_one_step_guided_student_matches_the_guided_teacher_per_class():
 def test_the_train_command_runs_every_stage_and_reports_each_step_count(tmp_path):
     import json
 
-    from tests.helpers import run_cli, run_folder
+    from tests.helpers import run_folder, run_here
 
-    proc = run_cli(
+    proc = run_here(
         "distillbench.train", "method=progressive", "data=toy2d", "method.n_start=4",
         "method.stage_kimg=null", "method.stage_iterations=2", "method.batch_size=32", "eval.n=256",
         "eval.every_kimg=1", "teacher_sampler.steps=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",

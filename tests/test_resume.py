@@ -24,7 +24,7 @@ from distillbench.utils.checkpoints import (
     step_checkpoints,
     write_checkpoint,
 )
-from tests.helpers import compose, run_cli
+from tests.helpers import compose, run_here
 
 # 30 generator steps of 16 on digits, a checkpoint every 10 steps, every step's row written at once
 RUN = ["method.batch_size=16", "method.duration_kimg=0.48", "eval.n=64", "eval.every_kimg=0.128",
@@ -59,9 +59,9 @@ def start_and_kill(folder: Path, cwd: Path) -> int:
 def runs(tmp_path_factory):
     """An uninterrupted run, and the same run killed mid-way then resumed in its folder."""
     tmp = tmp_path_factory.mktemp("resume")
-    run_cli("distillbench.train", *RUN, f"hydra.run.dir={tmp / 'whole'}", cwd=tmp)
+    run_here("distillbench.train", *RUN, f"hydra.run.dir={tmp / 'whole'}", cwd=tmp)
     killed_rows = start_and_kill(tmp / "killed", tmp)
-    proc = run_cli("distillbench.train", *RUN, f"resume={tmp / 'killed'}", cwd=tmp)
+    proc = run_here("distillbench.train", *RUN, f"resume={tmp / 'killed'}", cwd=tmp)
     return tmp / "whole", tmp / "killed", killed_rows, proc
 
 
@@ -105,21 +105,21 @@ def test_a_truncated_checkpoint_is_named_and_the_earlier_one_still_loads(runs, t
     newest = folder / "checkpoints" / "step_0000030.ckpt"
     (folder / "checkpoints" / "last.ckpt").unlink()
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    proc = run_cli("distillbench.train", f"resume={folder}", cwd=tmp_path, check=False)
+    proc = run_here("distillbench.train", f"resume={folder}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"checkpoint {newest} is corrupt" in proc.stderr and "checkpoint.fallback=true" in proc.stderr
     assert read_checkpoint(folder / "checkpoints" / "step_0000020.ckpt")["state_dict"]["gen_steps"] == 20
-    proc = run_cli("distillbench.train", f"resume={folder}", "checkpoint.fallback=true", cwd=tmp_path)
+    proc = run_here("distillbench.train", f"resume={folder}", "checkpoint.fallback=true", cwd=tmp_path)
     assert "resuming from" in proc.stdout and "step_0000020.ckpt" in proc.stdout
     resumed = read_checkpoint(folder / "checkpoints" / "step_0000030.ckpt")  # written again, whole
     assert int(resumed["state_dict"]["gen_steps"]) == 30
 
 
 def test_resume_refuses_settings_that_would_change_the_run(runs, tmp_path):
-    proc = run_cli("distillbench.train", f"resume={runs[0]}", "method.betas=[0.5,0.999]", cwd=tmp_path,
+    proc = run_here("distillbench.train", f"resume={runs[0]}", "method.betas=[0.5,0.999]", cwd=tmp_path,
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "method.betas cannot change on resume" in proc.stderr
-    proc = run_cli("distillbench.train", f"resume={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
+    proc = run_here("distillbench.train", f"resume={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is not a run folder" in proc.stderr
 
 

@@ -15,7 +15,7 @@ from distillbench.rules import number
 from distillbench.teachers.checkpoint import check_teacher_fits
 from distillbench.utils.command import check_writable
 from distillbench.validation import validate_train_config
-from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_cli
+from tests.helpers import EVALUATE_EXPERIMENTS, ROOT, compose, run_here
 
 # (overrides, "<key>=<bad value>" that the message names, a piece of the allowed range or choices)
 INVALID = [
@@ -250,7 +250,7 @@ def test_a_teacher_with_other_classes_fails_naming_both():
 # ---- end to end --------------------------------------------------------------------------------------------
 def test_the_train_command_fails_before_any_work(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("distillbench.train", "data=toy2d", "method.betas=[0.9,1.0]", f"hydra.run.dir={run}",
+    proc = run_here("distillbench.train", "data=toy2d", "method.betas=[0.9,1.0]", f"hydra.run.dir={run}",
                    cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "method.betas=[0.9, 1.0] must be two numbers [beta1, beta2], each in [0, 1)" in proc.stderr

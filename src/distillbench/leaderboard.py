@@ -114,7 +114,7 @@ def check_suite(suite: DictConfig) -> None:
     made_from = next((o.split("=", 1)[1] for o in suite.trajectories or []
                       if override_key(o) == "noise_seed"),
                      TRAJECTORY_NOISE_SEED)  # fmt: skip
-    if int(made_from) in sets:
+    if any(needs_trajectories(o) for o in suite.methods.values()) and int(made_from) in sets:
         raise ConfigError(
             f"suite.trajectories start from noise_seed={made_from}, one of the evaluation-noise sets {sets}: "
             "direct would be measured on its training trajectories' noise; set another noise_seed= there"
@@ -434,6 +434,30 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     floor_last = summary["method"] == FLOOR
     summary = summary.assign(_floor=floor_last).sort_values(["_floor", "fid_mean"]).drop(columns="_floor")
     return summary.reset_index(drop=True)
+
+
+def within_family(table: pd.DataFrame, separator: str = "@") -> pd.DataFrame:
+    """A suite whose method names read ``<method><separator><setting>`` (``sim@1e-4``: suite=gmm_digits_lr),
+    read method by method: per cell name its family and setting, the mean and 95% t interval of each
+    :data:`VERDICTS` figure over its repeats, and the verdict against the family's own best setting (Welch's
+    test, :func:`distillbench.stats.ties_with_best`): how far a method's figures move with the setting."""
+    students = table[table["method"].str.contains(separator, regex=False)]
+    rows = []
+    for family, group in students.groupby(students["method"].str.split(separator).str[0], sort=False):
+        cells = dict(list(group.groupby("method", sort=False)))
+        verdicts = {}
+        for kind in VERDICTS:
+            if group[kind].notna().any():
+                values = {name: verdict_values(cell, kind).astype(float) for name, cell in cells.items()}
+                verdicts[kind] = stats.ties_with_best(values, lower_is_better=kind not in HIGHER_IS_BETTER)
+        for name, cell in cells.items():
+            row = {"family": family, "setting": name.split(separator, 1)[1], "repeats": len(cell)}
+            for kind in verdicts:
+                spread = stats.interval(cell[kind].astype(float))
+                row |= {f"{kind}_mean": spread.mean, f"{kind}_ci": spread.half_width,
+                        f"{kind}_verdict": verdicts[kind][name]}  # fmt: skip
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def plus_minus(mean: float, half_width: float, digits: int = 3) -> str:

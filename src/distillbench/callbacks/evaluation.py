@@ -14,6 +14,7 @@ import lightning as L
 import pandas as pd
 import torch
 
+from distillbench.callbacks.progress import evaluation_bar
 from distillbench.methods.base import DistillationMethod
 from distillbench.metrics.suite import PROTOCOL, protocol_text
 from distillbench.samplers.generate import StudentSampler, fixed_labels, fixed_noise, generate
@@ -69,22 +70,27 @@ class PeriodicEvaluation(L.Callback):
         labels = fixed_labels(stop, self.label_probs(pl_module), self.noise_seed)
         return z, None if labels is None else labels[start:stop]
 
-    def samples(self, pl_module, trainer=None, sample=None) -> torch.Tensor:
-        """All n samples of ``sample`` (default: the EMA generator) on the fixed inputs, from every rank."""
+    def samples(self, pl_module, trainer=None, sample=None, advance=None) -> torch.Tensor:
+        """All n samples of ``sample`` (default: the EMA generator) on the fixed inputs, from every rank;
+        ``advance(size)`` after each of this rank's batches."""
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         start, stop = shard(self.n, world, rank)
         local, _, _ = generate(StudentSampler(sample), pl_module, stop - start, self.batch_size,
-                               self.noise_seed, self.label_probs(pl_module), offset=start)  # fmt: skip
+                               self.noise_seed, self.label_probs(pl_module), offset=start,
+                               advance=advance)  # fmt: skip
         return local if world == 1 else gather_shards(trainer, local, self.n)
 
     def measure(self, trainer, pl_module, sample=None) -> tuple[dict, torch.Tensor]:
         """The metrics of :meth:`samples` and their protocol (measured on rank 0, sent to every rank) and
-        the samples."""
-        x = self.samples(pl_module, trainer, sample)
-        figures = None
-        if trainer.is_global_zero:
-            figures = self.metrics.evaluate(x, self.datamodule)
-            figures[PROTOCOL] = protocol_text(self.metrics.protocol(self.datamodule))
+        the samples. Rank 0's bar shows its share of the samples drawn, then the metrics being computed."""
+        start, stop = shard(self.n, trainer.world_size, trainer.global_rank)
+        with evaluation_bar(trainer, stop - start, pl_module.kimg) as bar:
+            x = self.samples(pl_module, trainer, sample, advance=bar.update)
+            figures = None
+            if trainer.is_global_zero:
+                bar.set_postfix_str(f"metrics of {self.n} samples")
+                figures = self.metrics.evaluate(x, self.datamodule)
+                figures[PROTOCOL] = protocol_text(self.metrics.protocol(self.datamodule))
         return trainer.strategy.broadcast(figures, src=0), x
 
     def evaluate(self, trainer, pl_module) -> dict:

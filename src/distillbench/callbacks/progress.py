@@ -1,5 +1,6 @@
 """The training bar in the unit a distillation run is planned in: generator kimg done of the total, an ETA,
-and the step's metrics on the same line (Lightning's own bar counts batches of an endless epoch)."""
+and the step's metrics on the same line (Lightning's own bar counts batches of an endless epoch); under it,
+while an evaluation runs, the evaluation's own bar (samples drawn, then its metrics)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class KimgProgressBar(TQDMProgressBar):
     TRAIN_FORMAT = (
         "{desc} {percentage:3.0f}%|{bar:20}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}] {postfix}"
     )
+    EVAL_FORMAT = "{desc} {percentage:3.0f}%|{bar:20}| {n}/{total} samples [{elapsed}<{remaining}] {postfix}"
 
     def __init__(self, total_kimg: float, refresh_rate: int = 1):
         super().__init__(refresh_rate=refresh_rate)
@@ -48,3 +50,18 @@ class KimgProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         shown = {"v_num", "train/kimg"}
         return {name.removeprefix("train/"): value for name, value in metrics.items() if name not in shown}
+
+    def evaluation_bar(self, total: int, kimg: float) -> Tqdm:
+        """The bar of one evaluation at ``kimg``: ``total`` samples to draw; it closes when it is left."""
+        return Tqdm(desc=f"eval @ {kimg:.2f} kimg", total=total, position=2 * self.process_position + 1,
+                    disable=self.is_disabled, leave=False, dynamic_ncols=True, file=sys.stdout,
+                    bar_format=self.EVAL_FORMAT)  # fmt: skip
+
+
+def evaluation_bar(trainer, total: int, kimg: float) -> Tqdm:
+    """The trainer's evaluation bar (:meth:`KimgProgressBar.evaluation_bar`), or a silent one when the run
+    shows no bar (disabled, another progress callback, or a rank other than 0)."""
+    progress = trainer.progress_bar_callback
+    if isinstance(progress, KimgProgressBar) and trainer.is_global_zero:
+        return progress.evaluation_bar(total, kimg)
+    return Tqdm(total=total, disable=True)

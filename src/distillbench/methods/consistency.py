@@ -86,18 +86,27 @@ def multistep(net, z, labels, sigmas: list[float], sigma_min: float, sigma_data:
     return x
 
 
+def check_sample_count(sigmas: list | None, steps: int) -> None:
+    """Given σ's are one per step after the first (the check before any work and the constructor's)."""
+    if sigmas is not None and len(sigmas) != steps - 1:
+        raise ConfigError(
+            f"method.sample_sigmas={list(sigmas)} has {len(sigmas)} entries but method.sample_steps={steps} "
+            f"needs {steps - 1} (the σ's after the first step)"
+        )
+
+
 def sampling_sigmas(steps: int, sigmas, sigma_min: float, sigma_max: float) -> list[float]:
     """σ_max, then ``sigmas`` (steps − 1 values, descending in (σ_min, σ_max)) or the interior of the ρ = 7
     grid with steps + 1 levels."""
+    check_sample_count(sigmas, steps)
     if sigmas is None:
         sigmas = karras(steps + 1, sigma_min=sigma_min, sigma_max=sigma_max)[1:steps].tolist()
     sigmas = [float(s) for s in sigmas]
     levels = [sigma_max, *sigmas]
-    descending = all(b < a for a, b in zip(levels, levels[1:], strict=False))
-    if len(sigmas) != steps - 1 or not descending or levels[-1] <= sigma_min:
+    if not all(b < a for a, b in zip(levels, levels[1:], strict=False)) or levels[-1] <= sigma_min:
         raise ConfigError(
-            f"method.sample_sigmas={sigmas} must hold sample_steps − 1 = {steps - 1} σ's, descending, "
-            f"between σ_min={sigma_min} and σ_max={sigma_max} (or null for the ρ = 7 grid)"
+            f"method.sample_sigmas={sigmas} must be descending, between σ_min={sigma_min} and "
+            f"σ_max={sigma_max} (or null for the ρ = 7 grid)"
         )
     return levels
 
@@ -135,12 +144,8 @@ class ConsistencyMethod(DistillationMethod):
     @classmethod
     def check_config(cls, method: DictConfig) -> None:
         """The sampling σ's against the step count (the teacher's σ range is checked when it is known)."""
-        sigmas, steps = lookup(method, "sample_sigmas"), lookup(method, "sample_steps")
-        if isinstance(sigmas, list) and len(sigmas) != steps - 1:
-            raise ConfigError(
-                f"method.sample_sigmas={sigmas} has {len(sigmas)} entries but method.sample_steps={steps} "
-                f"needs {steps - 1} (the σ's after the first step)"
-            )
+        sigmas = lookup(method, "sample_sigmas")
+        check_sample_count(sigmas if isinstance(sigmas, list) else None, lookup(method, "sample_steps"))
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ def generate(
     label_probs=None,
     progress: bool = False,
     offset: int = 0,
+    advance=None,
 ):
     """Sample the n points of global indices offset … offset + n − 1 with ``fixed_noise``/``fixed_labels``;
     returns (x, labels, nfe_per_sample) on the CPU.
@@ -96,6 +97,8 @@ def generate(
     mixture teachers and their students); other samples (2-D points) are returned as the sampler made them.
 
     All batches run the same deterministic sampler, so nfe_per_sample is the counted NFE of one batch.
+    ``progress`` draws a bar of its own; ``advance(size)``, when given, is called after every batch (for a
+    caller that shows the progress in its own display).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -113,5 +116,7 @@ def generate(
             batches.append(result.x.cpu())
             nfe = result.nfe
             bar.advance(task, size)
+            if advance is not None:
+                advance(size)
     x = torch.cat(batches) if batches else torch.empty(0, *denoiser.sample_shape)
     return (to_image_range(x) if getattr(denoiser, "bounded", True) else x), labels, nfe
