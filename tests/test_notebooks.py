@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -74,13 +75,31 @@ def test_notebooks_are_stored_without_outputs(path):
     assert any("parameters" in c.metadata.get("tags", []) for c in code)
 
 
-def test_lr_robustness_notebook_draws_the_figure_from_a_saved_sweep(saved_sweeps):
+def lr_suite_table(folder) -> None:
+    """A leaderboard.csv as suite=gmm_digits_lr writes it: SIM and SiD at three rates, 2 seeds × 2 noise
+    sets, and the floor; SIM's 1e-5 cells far from its best, everything else close."""
+    rows = [{"method": f"{family}@{lr}", "nfe": 1, "seed": seed, "noise_seed": noise,
+             "fid": base + shift + 0.01 * seed + 0.02 * noise, "log_density_gap": -1.0 - shift,
+             "coverage_tv": 0.1 + 0.01 * noise}
+            for family, base in (("sim", 2.0), ("sid", 3.0))
+            for lr, shift in (("1e-5", 1.0 if family == "sim" else 0.001), ("1e-4", 0.0), ("1e-3", 0.002))
+            for seed in range(2) for noise in range(2)]  # fmt: skip
+    rows += [{"method": "floor", "nfe": 0, "seed": 0, "noise_seed": noise, "fid": 1.0 + 0.1 * noise,
+              "log_density_gap": 0.01 * noise, "coverage_tv": 0.02} for noise in range(2)]  # fmt: skip
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / "leaderboard.csv", index=False)
+
+
+def test_lr_robustness_notebook_draws_the_figure_from_a_saved_sweep_and_the_suite(saved_sweeps):
+    lr_suite_table(saved_sweeps / "outputs" / "leaderboard" / "gmm_digits_lr")
     nb = execute("lr_robustness.ipynb", saved_sweeps, 'SWEEP = None\nSWEEPS_ROOT = "outputs/lr_robustness"\n'
-                 "WANDB_GROUP = None\nWANDB_PROJECT = 'distillbench'")  # fmt: skip
+                 "WANDB_GROUP = None\nWANDB_PROJECT = 'distillbench'\n"
+                 'LR_SUITE = "outputs/leaderboard/gmm_digits_lr"')  # fmt: skip
     text = outputs_text(nb)
     assert "4 runs, 8 evaluations" in text
     assert "final" in text and "best" in text and "sim" in text and "sid" in text
-    assert images(nb) == 1
+    assert "settings tied with the family's best FID: {'sim': 2, 'sid': 3}" in text, text[-2000:]
+    assert images(nb) == 2
 
 
 def test_ablations_notebook_plots_every_ablation(saved_sweeps):
