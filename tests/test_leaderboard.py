@@ -37,7 +37,8 @@ from tests.helpers import compose as compose_config
 from tests.helpers import run_cli, run_here
 
 #: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
-SMALL = ["suite=toy2d", "~suite.methods.di", "suite.budget_tfe=15000", "suite.teacher_samplers={heun:[2]}"]
+SMALL = ["suite=toy2d", *(f"~suite.methods.{name}" for name in ("di", "dmd2", "cd", "ect")),
+         "suite.budget_tfe=15000", "suite.teacher_samplers={heun:[2]}"]  # fmt: skip
 
 
 def suite(*overrides: str):
@@ -259,11 +260,11 @@ def test_a_toy_suite_writes_its_table_csv_and_figure_with_one_budget_and_noise(t
     table = pd.read_csv(out / "leaderboard.csv")
     students = table[table["tfe"] > 0]
     assert sorted(set(zip(students["method"], students["seed"], strict=True))) == [
-        ("di", 0), ("di", 1), ("sim", 0), ("sim", 1)
+        (method, seed) for method in ("cd", "di", "dmd2", "ect", "sim") for seed in (0, 1)
     ]  # fmt: skip
     assert (students["tfe"] <= 40000).all() and table["fid"].notna().all()
     configs = [OmegaConf.load(p) for p in sorted((out / "cells").glob("*/seed*/config.yaml"))]
-    assert len(configs) == 4
+    assert len(configs) == 5 * 2
     assert {c.budget_tfe for c in configs} == {40000} and {c.eval.noise_seed for c in configs} == {0}
     assert {c.eval.n for c in configs} == {2000}
     markdown = (out / "leaderboard.md").read_text()
