@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from distillbench.errors import ConfigError
-from distillbench.evaluate import COLUMNS, as_cell, build, find_row, noise_means, read_table, upsert_row
+from distillbench.evaluate import (
+    COLUMNS,
+    as_cell,
+    build,
+    find_row,
+    gather_sweep,
+    noise_means,
+    read_table,
+    upsert_row,
+)
 from distillbench.runs import LATER_COUNTERS, load_run
 from tests.helpers import compose, run_folder, run_here
 
@@ -125,6 +134,29 @@ def test_noise_means_averages_each_model_over_its_noise_seeds():
     assert lines[2] == teacher_row
     assert lines[3] == "| run | 8 | 0 | 1 | 0.9 | 0.8 | 10 | untested |"
     assert "Welch" in lines[5]
+
+
+def test_on_exact_data_noise_means_reads_the_log_density_gap_by_its_distance_from_zero():
+    base = {"data": "gmm_digits", "extractor": "clf", "n": 1000, "nfe": 8, "precision": 0.9, "recall": 0.8,
+            "samples_per_second": 10.0, "protocol": "{}", "coverage_tv": 0.04, "fid": 1.0}  # fmt: skip
+    gaps = {"a": [-0.10, -0.11, -0.12], "b": [0.01, -0.012, 0.008], "c": [-0.50, -0.51, -0.52]}
+    rows = [base | {"model": m, "noise_seed": i, "log_density_gap": g} for m, v in gaps.items()
+            for i, g in enumerate(v)]  # fmt: skip
+    lines = noise_means(pd.DataFrame(rows)).splitlines()
+    judged = "FID against the best | log_density_gap against the best | coverage_tv against the best |"
+    assert lines[0].endswith(f"| log_density_gap | coverage_tv | {judged}")
+    verdicts = {line.split(" | ")[0][2:]: line.split(" | ")[-2] for line in lines[2:5]}
+    assert verdicts == {"a": "worse", "b": "best", "c": "worse"}, lines
+
+
+def test_a_sweep_gathers_every_noise_seed_of_a_job_that_measured_several(tmp_path):
+    names = {"time": "t", "model": "teacher/x/heun-2", "method": "heun", "data": "x", "extractor": "clf"}
+    row = dict.fromkeys(COLUMNS, 1.0) | names | {"protocol": {"n": 8}}
+    jobs = {"0": row | {"noise_seed": 0}, "1": {"rows": [row | {"noise_seed": 1}, row | {"noise_seed": 2}]}}
+    for job, summary in jobs.items():
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "summary.json").write_text(json.dumps(summary))
+    assert sorted(gather_sweep(tmp_path)["noise_seed"]) == [0, 1, 2]
 
 
 def test_a_schedule_other_than_karras_gets_its_own_teacher_row(workspace, tmp_path):

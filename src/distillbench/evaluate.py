@@ -40,7 +40,7 @@ from distillbench.errors import ConfigError
 from distillbench.metrics.suite import PROTOCOL, MetricSuite, format_count, protocol_text
 from distillbench.runs import CHECKPOINT, load_run, locate_run
 from distillbench.samplers.generate import StudentSampler, generate
-from distillbench.sweeps import metric_kind
+from distillbench.sweeps import HIGHER_IS_BETTER, metric_kind
 from distillbench.utils.command import (
     cli,
     hydra_choice,
@@ -318,9 +318,16 @@ def main(cfg: DictConfig) -> None:
 # After a -m sweep: one table and the FID-versus-NFE figure
 
 
+def summary_rows(summary: dict) -> list[dict]:
+    """An evaluation's rows: its ``summary.json`` holds one, or one per noise seed (``{"rows": [...]}``)."""
+    return summary["rows"] if "rows" in summary else [summary]
+
+
 def gather_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     """The rows (``summary.json``) of a sweep's jobs, one per key (the newest); teachers, then students."""
-    rows = [json.loads(p.read_text()) for p in Path(sweep_dir).glob("*/summary.json")]
+    rows = [
+        row for p in Path(sweep_dir).glob("*/summary.json") for row in summary_rows(json.loads(p.read_text()))
+    ]
     rows = [row | {PROTOCOL: protocol_text(row[PROTOCOL])} for row in rows if all(c in row for c in COLUMNS)]
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table = table.sort_values("time").drop_duplicates(list(KEY), keep="last")
@@ -413,28 +420,40 @@ def plot_precision_recall(table: pd.DataFrame, path: str | Path) -> Path:
 
 REPORT_FILES = ("results.csv", "results.md", "noise_means.md", "fid_vs_nfe.png", "precision_recall.png")
 SPREAD = ("fid", "precision", "recall", "samples_per_second")  # noise_means.md: mean ± interval of these
+TRUTH_SPREAD = ("log_density_gap", "coverage_tv")  # and of these, with verdicts, where the data is exact
+
+
+def verdict_values(rows: pd.DataFrame, kind: str) -> pd.Series:
+    """The repeats a verdict on ``kind`` compares: the log-density gap by its distance from 0."""
+    return rows[kind].abs() if kind == "log_density_gap" else rows[kind]
 
 
 def noise_means(table: pd.DataFrame) -> str:
     """A markdown table of each model's mean and 95% interval over the sweep's evaluation noise seeds, and
-    whether its FID is tied with the best model's (:mod:`distillbench.stats`: t interval, ddof = 1, Welch's
-    test at α = 0.05).
+    whether its FID (and, on exact data, its log-density gap and coverage) is tied with the best model's
+    (:mod:`distillbench.stats`: t interval, ddof = 1, Welch's test at α = 0.05).
 
     FID at a few thousand samples moves with the noise set more than the gaps between close models, so
     comparisons are made on means over several noise seeds (``-m noise_seed=0,2,3``).
     """
+    truth = [kind for kind in TRUTH_SPREAD if kind in table and table[kind].notna().any()]
     groups = table.groupby(["model", "data", "extractor", "n", "nfe", PROTOCOL], sort=False)
-    verdicts = stats.ties_with_best({key: rows["fid"] for key, rows in groups})
-    lines = ["| model | NFE | noise seeds | " + " | ".join(SPREAD) + " | FID against the best |",
-             "|" + "---|" * (4 + len(SPREAD))]  # fmt: skip
+    verdicts = {}
+    for kind in ("fid", *truth):
+        values = {key: verdict_values(rows, kind).astype(float) for key, rows in groups}
+        verdicts[kind] = stats.ties_with_best(values, lower_is_better=kind not in HIGHER_IS_BETTER)
+    spread = [*SPREAD, *truth]
+    judged = [f"{'FID' if kind == 'fid' else kind} against the best" for kind in verdicts]
+    lines = ["| model | NFE | noise seeds | " + " | ".join([*spread, *judged]) + " |",
+             "|" + "---|" * (3 + len(spread) + len(judged))]  # fmt: skip
     for key, rows in groups:
         model, _, _, _, nfe, _ = key
         seeds = ",".join(str(seed) for seed in sorted(rows["noise_seed"]))
-        figures = [stats.interval(rows[c]).text(4) for c in SPREAD]
-        lines.append(f"| {model} | {nfe} | {seeds} | " + " | ".join(figures) + f" | {verdicts[key]} |")
+        figures = [stats.interval(rows[c]).text(4) for c in spread] + [v[key] for v in verdicts.values()]
+        lines.append(f"| {model} | {nfe} | {seeds} | " + " | ".join(figures) + " |")
     note = ("\nMean ± the half-width of its 95% t interval over the noise seeds (ddof = 1). 'tied': Welch's "
-            "t-test does not separate the model's FID from the best one's at α = 0.05; 'untested': fewer "
-            "than two noise seeds.\n")  # fmt: skip
+            "t-test does not separate the model's figure from the best one's at α = 0.05 (the log-density "
+            "gap by its distance from 0); 'untested': fewer than two noise seeds.\n")  # fmt: skip
     return "\n".join(lines) + "\n" + note
 
 

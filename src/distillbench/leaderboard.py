@@ -55,7 +55,14 @@ from omegaconf import DictConfig, OmegaConf
 from distillbench import run_folder, stats
 from distillbench.config import CONFIG_DIR, relocatable
 from distillbench.errors import ConfigError
-from distillbench.evaluate import FLOOR, GROUND_TRUTH, display_path, save_figure
+from distillbench.evaluate import (
+    FLOOR,
+    GROUND_TRUTH,
+    display_path,
+    save_figure,
+    summary_rows,
+    verdict_values,
+)
 from distillbench.methods.accounting import unit_of_config
 from distillbench.metrics.suite import PROTOCOL, protocol_text
 from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER, metric_column, metric_kind
@@ -287,11 +294,6 @@ def cell_summary(folder: Path) -> dict:
     return summary
 
 
-def summary_rows(summary: dict) -> list[dict]:
-    """An evaluate cell's rows: ``summary.json`` holds one row, or several (``{"rows": [...]}``)."""
-    return summary["rows"] if "rows" in summary else [summary]
-
-
 def fairness_record(cfg: DictConfig, protocol: dict, training: bool) -> dict:
     """What must be the same in every cell: teacher, metric suite, sample count and the protocol record of the
     figures (extractor weights, preprocessing, real statistics); the noise sets are checked per row."""
@@ -402,11 +404,6 @@ def check_noise_sets(label: str, rows: list[dict], expected: list[int]) -> None:
         )
     if len({protocol_text(r[PROTOCOL]) for r in rows}) > 1:
         raise ConfigError(f"{label}'s noise sets were measured under different protocols")
-
-
-def verdict_values(group: pd.DataFrame, kind: str) -> pd.Series:
-    """The repeats a verdict on ``kind`` compares: the log-density gap by its distance from 0."""
-    return group[kind].abs() if kind == "log_density_gap" else group[kind]
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
