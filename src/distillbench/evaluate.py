@@ -423,9 +423,13 @@ SPREAD = ("fid", "precision", "recall", "samples_per_second")  # noise_means.md:
 TRUTH_SPREAD = ("log_density_gap", "coverage_tv")  # and of these, with verdicts, where the data is exact
 
 
-def verdict_values(rows: pd.DataFrame, kind: str) -> pd.Series:
-    """The repeats a verdict on ``kind`` compares: the log-density gap by its distance from 0."""
-    return rows[kind].abs() if kind == "log_density_gap" else rows[kind]
+def verdicts_on(groups: dict, kind: str, among=None) -> dict:
+    """Each group's verdict on the figure ``kind`` against the best group's (:func:`stats.ties_with_best`,
+    ``among`` as there): higher is better for :data:`HIGHER_IS_BETTER` figures, lower for the others, and the
+    log-density gap is compared by its distance from 0."""
+    values = {key: (rows[kind].abs() if kind == "log_density_gap" else rows[kind]).astype(float)
+              for key, rows in groups.items()}  # fmt: skip
+    return stats.ties_with_best(values, lower_is_better=kind not in HIGHER_IS_BETTER, among=among)
 
 
 def noise_means(table: pd.DataFrame) -> str:
@@ -437,16 +441,13 @@ def noise_means(table: pd.DataFrame) -> str:
     comparisons are made on means over several noise seeds (``-m noise_seed=0,2,3``).
     """
     truth = [kind for kind in TRUTH_SPREAD if kind in table and table[kind].notna().any()]
-    groups = table.groupby(["model", "data", "extractor", "n", "nfe", PROTOCOL], sort=False)
-    verdicts = {}
-    for kind in ("fid", *truth):
-        values = {key: verdict_values(rows, kind).astype(float) for key, rows in groups}
-        verdicts[kind] = stats.ties_with_best(values, lower_is_better=kind not in HIGHER_IS_BETTER)
+    groups = dict(list(table.groupby(["model", "data", "extractor", "n", "nfe", PROTOCOL], sort=False)))
+    verdicts = {kind: verdicts_on(groups, kind) for kind in ("fid", *truth)}
     spread = [*SPREAD, *truth]
     judged = [f"{'FID' if kind == 'fid' else kind} against the best" for kind in verdicts]
     lines = ["| model | NFE | noise seeds | " + " | ".join([*spread, *judged]) + " |",
              "|" + "---|" * (3 + len(spread) + len(judged))]  # fmt: skip
-    for key, rows in groups:
+    for key, rows in groups.items():
         model, _, _, _, nfe, _ = key
         seeds = ",".join(str(seed) for seed in sorted(rows["noise_seed"]))
         figures = [stats.interval(rows[c]).text(4) for c in spread] + [v[key] for v in verdicts.values()]

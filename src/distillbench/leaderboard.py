@@ -61,11 +61,11 @@ from distillbench.evaluate import (
     display_path,
     save_figure,
     summary_rows,
-    verdict_values,
+    verdicts_on,
 )
 from distillbench.methods.accounting import unit_of_config
 from distillbench.metrics.suite import PROTOCOL, protocol_text
-from distillbench.sweeps import EVAL_FILE, HIGHER_IS_BETTER, metric_column, metric_kind
+from distillbench.sweeps import EVAL_FILE, metric_column, metric_kind
 from distillbench.utils.command import cli, task
 from distillbench.utils.io import atomic_write_json, atomic_write_text, atomic_writer
 
@@ -424,9 +424,10 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     summary = pd.DataFrame(rows)
     trained = {key for key, group in grouped.items() if (group["tfe"] > 0).any()}
     for kind in VERDICTS:
-        groups = {key: verdict_values(group, kind).astype(float) for key, group in grouped.items()
-                  if key[0] != FLOOR and group[kind].notna().any()}  # fmt: skip
-        verdicts = stats.ties_with_best(groups, lower_is_better=kind not in HIGHER_IS_BETTER, among=trained)
+        measured = {
+            key: group for key, group in grouped.items() if key[0] != FLOOR and group[kind].notna().any()
+        }
+        verdicts = verdicts_on(measured, kind, among=trained)
         summary[f"{kind}_verdict"] = [verdicts.get((r.method, r.nfe), "") for r in summary.itertuples()]
     floor_last = summary["method"] == FLOOR
     summary = summary.assign(_floor=floor_last).sort_values(["_floor", "fid_mean"]).drop(columns="_floor")
@@ -442,11 +443,7 @@ def within_family(table: pd.DataFrame, separator: str = "@") -> pd.DataFrame:
     rows = []
     for family, group in students.groupby(students["method"].str.split(separator).str[0], sort=False):
         cells = dict(list(group.groupby("method", sort=False)))
-        verdicts = {}
-        for kind in VERDICTS:
-            if group[kind].notna().any():
-                values = {name: verdict_values(cell, kind).astype(float) for name, cell in cells.items()}
-                verdicts[kind] = stats.ties_with_best(values, lower_is_better=kind not in HIGHER_IS_BETTER)
+        verdicts = {kind: verdicts_on(cells, kind) for kind in VERDICTS if group[kind].notna().any()}
         for name, cell in cells.items():
             row = {"family": family, "setting": name.split(separator, 1)[1], "repeats": len(cell)}
             for kind in verdicts:
