@@ -34,7 +34,7 @@ from distillbench.leaderboard import (
 from distillbench.methods.accounting import unit_of_config
 from distillbench.validation import validate_train_config
 from tests.helpers import compose as compose_config
-from tests.helpers import run_cli, run_here
+from tests.helpers import family_table, run_cli, run_here
 
 #: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
 SMALL = ["suite=toy2d", *(f"~suite.methods.{name}" for name in ("di", "dmd2", "cd", "ect")),
@@ -89,15 +89,9 @@ def test_the_lr_suite_runs_four_score_methods_at_five_rates_on_the_gmm_digits_ce
 
 
 def test_a_family_s_settings_are_read_against_its_own_best():
-    rows = [{"method": f"{family}@{lr}", "nfe": 1, "seed": seed, "noise_seed": noise,
-             "fid": base + shift + 0.01 * seed + 0.02 * noise, "log_density_gap": -1.0 - shift,
-             "coverage_tv": 0.1}
-            for family, base in (("sim", 2.0), ("sid", 3.0))
-            for lr, shift in (("1e-4", 0.0), ("1e-3", 0.005), ("1e-5", 1.0))
-            for seed in range(3) for noise in range(3)]  # fmt: skip
-    rows.append({"method": "floor", "nfe": 0, "seed": 0, "noise_seed": 0, "fid": 1.0,
-                 "log_density_gap": 0.0, "coverage_tv": 0.0})  # fmt: skip
-    read = within_family(pd.DataFrame(rows)).set_index(["family", "setting"])
+    settings = {"1e-4": 0.0, "1e-3": 0.005, "1e-5": 1.0}
+    rows = family_table({"sim": settings, "sid": settings}, repeats=3)
+    read = within_family(rows).set_index(["family", "setting"])
     assert sorted(set(read.index.get_level_values(0))) == ["sid", "sim"] and (read["repeats"] == 9).all()
     fid = read["fid_verdict"]
     assert fid[("sim", "1e-4")] == fid[("sid", "1e-4")] == "best"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import nbformat
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers import ROOT, run_here
+from tests.helpers import ROOT, environment, family_table, run_here
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.032", "eval.n=256",
@@ -38,16 +36,11 @@ def execute(name: str, cwd, parameters: str) -> nbformat.NotebookNode:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     cell.source = parameters
     kernel_env = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    saved = {key: os.environ.get(key) for key in kernel_env}
-    os.environ.update(kernel_env)  # the kernel inherits them (conftest sets Agg for the tests themselves)
-    try:
+    with environment(kernel_env):  # the kernel inherits them (conftest sets Agg for the tests themselves)
         client = NotebookClient(
             nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
         )
         client.execute()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     return nb
 
 
@@ -76,18 +69,14 @@ def test_notebooks_are_stored_without_outputs(path):
 
 
 def lr_suite_table(folder) -> None:
-    """A leaderboard.csv as suite=gmm_digits_lr writes it: SIM and SiD at three rates, 2 seeds × 2 noise
-    sets, and the floor; SIM's 1e-5 cells far from its best, everything else close."""
-    rows = [{"method": f"{family}@{lr}", "nfe": 1, "seed": seed, "noise_seed": noise,
-             "fid": base + shift + 0.01 * seed + 0.02 * noise, "log_density_gap": -1.0 - shift,
-             "coverage_tv": 0.1 + 0.01 * noise}
-            for family, base in (("sim", 2.0), ("sid", 3.0))
-            for lr, shift in (("1e-5", 1.0 if family == "sim" else 0.001), ("1e-4", 0.0), ("1e-3", 0.002))
-            for seed in range(2) for noise in range(2)]  # fmt: skip
-    rows += [{"method": "floor", "nfe": 0, "seed": 0, "noise_seed": noise, "fid": 1.0 + 0.1 * noise,
-              "log_density_gap": 0.01 * noise, "coverage_tv": 0.02} for noise in range(2)]  # fmt: skip
+    """The suite's leaderboard.csv: SIM and SiD at three rates, 2 seeds × 2 noise sets, and the floor; SIM's
+    1e-5 cells far from its best, everything else close."""
     folder.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(folder / "leaderboard.csv", index=False)
+    shifts = {
+        "sim": {"1e-5": 1.0, "1e-4": 0.0, "1e-3": 0.002},
+        "sid": {"1e-5": 0.001, "1e-4": 0.0, "1e-3": 0.002},
+    }
+    family_table(shifts, repeats=2).to_csv(folder / "leaderboard.csv", index=False)
 
 
 def test_lr_robustness_notebook_draws_the_figure_from_a_saved_sweep_and_the_suite(saved_sweeps):
@@ -114,7 +103,6 @@ def test_ablations_notebook_plots_every_ablation(saved_sweeps):
 
 def test_the_lr_notebook_reads_wandb_runs_named_by_their_overrides(tmp_path):
     """The W&B path of the notebooks, against a stand-in for ``wandb.Api`` (no network here)."""
-    import pandas as pd
 
     from distillbench.sweeps import load_wandb_group, plot_sweep
 

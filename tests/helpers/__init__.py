@@ -12,22 +12,48 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import pandas as pd
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(cwd / "cache"), HYDRA_FULL_ERROR="0")
-    flags = [o for o in overrides if o.startswith("-")]  # -m and friends go before the overrides
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *flags, "threads=1", *(o for o in overrides if o not in flags)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+def command_arguments(overrides) -> list[str]:
+    """A test command's arguments: ``-m`` and other flags first, then one torch thread and the overrides."""
+    flags = [o for o in overrides if o.startswith("-")]
+    return [*flags, "threads=1", *(o for o in overrides if o not in flags)]
+
+
+def command_environment(cwd: Path) -> dict[str, str]:
+    """What a test command adds to the environment: W&B off, a cache in its folder, short Hydra errors."""
+    return {"WANDB_MODE": "disabled", "DISTILLBENCH_CACHE": str(cwd / "cache"), "HYDRA_FULL_ERROR": "0"}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` set inside the block, as it was after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def checked(module: str, proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *command_arguments(overrides)],
+        cwd=cwd, env=os.environ | command_environment(cwd), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return checked(module, proc, check)
 
 
 def run_folder(proc: subprocess.CompletedProcess) -> Path:
@@ -69,20 +95,10 @@ def run_in_process(module: str, *overrides: str) -> Exit:
 def run_here(module: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """:func:`run_cli` in this process: the same command line, folder and environment, without a new
     interpreter's start (for the tests where the process boundary is not what is tested)."""
-    flags = [o for o in overrides if o.startswith("-")]
-    args = [*flags, "threads=1", *(o for o in overrides if o not in flags)]
-    env = {"WANDB_MODE": "disabled", "DISTILLBENCH_CACHE": str(cwd / "cache"), "HYDRA_FULL_ERROR": "0"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        with contextlib.chdir(cwd):
-            code, out, err = run_in_process(module, *args)
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    if check and code != 0:
-        raise AssertionError(f"{module} failed:\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess([module, *args], code, out, err)
+    args = command_arguments(overrides)
+    with environment(command_environment(cwd)), contextlib.chdir(cwd):
+        code, out, err = run_in_process(module, *args)
+    return checked(module, subprocess.CompletedProcess([module, *args], code, out, err), check)
 
 
 def compose(config_name: str, overrides: list[str]):
@@ -100,3 +116,18 @@ EVALUATE_EXPERIMENTS = {
     "direct_vs_teacher",
     "direct_noise_seeds",
 }  # experiments of `python -m distillbench.evaluate`; the rest train
+
+
+def family_table(shifts: dict[str, dict[str, float]], repeats: int) -> pd.DataFrame:
+    """A leaderboard.csv as a suite of ``<method>@<setting>`` cells writes it (suite=gmm_digits_lr), with
+    ``repeats`` seeds × ``repeats`` noise sets per cell: FID = base + shift + 0.01·seed + 0.02·noise (base 2
+    for the first method, one more for each next), log-density gap −1 − shift, coverage TV 0.1 + 0.01·noise;
+    and the floor on the same noise sets."""
+    rows = [{"method": f"{family}@{setting}", "nfe": 1, "seed": seed, "noise_seed": noise,
+             "fid": 2.0 + index + shift + 0.01 * seed + 0.02 * noise, "log_density_gap": -1.0 - shift,
+             "coverage_tv": 0.1 + 0.01 * noise}
+            for index, (family, settings) in enumerate(shifts.items()) for setting, shift in settings.items()
+            for seed in range(repeats) for noise in range(repeats)]  # fmt: skip
+    rows += [{"method": "floor", "nfe": 0, "seed": 0, "noise_seed": noise, "fid": 1.0 + 0.1 * noise,
+              "log_density_gap": 0.01 * noise, "coverage_tv": 0.02} for noise in range(repeats)]  # fmt: skip
+    return pd.DataFrame(rows)
