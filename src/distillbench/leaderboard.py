@@ -121,7 +121,7 @@ def check_suite(suite: DictConfig) -> None:
     made_from = next((o.split("=", 1)[1] for o in suite.trajectories or []
                       if override_key(o) == "noise_seed"),
                      TRAJECTORY_NOISE_SEED)  # fmt: skip
-    if any(needs_trajectories(o) for o in suite.methods.values()) and int(made_from) in sets:
+    if suite_needs_trajectories(suite) and int(made_from) in sets:
         raise ConfigError(
             f"suite.trajectories start from noise_seed={made_from}, one of the evaluation-noise sets {sets}: "
             "direct would be measured on its training trajectories' noise; set another noise_seed= there"
@@ -138,6 +138,11 @@ def noise_sets(suite: DictConfig) -> list[int]:
 
 def needs_trajectories(overrides) -> bool:
     return "data=trajectories" in overrides
+
+
+def suite_needs_trajectories(suite: DictConfig) -> bool:
+    """Whether any method of the suite trains on teacher trajectories (direct distillation)."""
+    return any(needs_trajectories(overrides) for overrides in suite.methods.values())
 
 
 def train_overrides(suite: DictConfig, name: str, seed: int, out_dir: Path) -> list[str]:
@@ -653,7 +658,7 @@ def leaderboard(cfg: DictConfig) -> pd.DataFrame:
     check_suite(suite)
     if cfg.page:
         check_readme(Path(cfg.page), suite.name)
-    if any(needs_trajectories(o) for o in suite.methods.values()):
+    if suite_needs_trajectories(suite):
         make_trajectories(suite, out_dir, cfg.threads)
     for label, module, folder, overrides in cells(suite, out_dir):
         print(f"{label}: {run_cell(module, folder, overrides, cfg.threads)}", flush=True)
