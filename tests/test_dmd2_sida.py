@@ -23,7 +23,7 @@ from distillbench.methods.bottleneck import bottleneck_of
 from distillbench.nets import MLPBackbone, SongUNet
 from distillbench.samplers.schedules import karras
 from distillbench.teachers.denoiser import EDMDenoiser, freeze
-from tests.helpers import compose
+from tests.helpers import command_environment, compose
 from tests.test_budget import SampleCounter
 from tests.test_learning import (  # noqa: F401 (cache_dir, deterministic_torch, floor_width: fixtures)
     COMMON,
@@ -384,7 +384,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_bit_for_bit(method, tmp
 
     overrides = [*RESUME, *RESUMED[method]]
     run_here("distillbench.train", *overrides, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
-    env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(tmp_path / "cache"))
+    env = os.environ | command_environment(tmp_path)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "distillbench.train", "threads=1", *overrides,
                              f"hydra.run.dir={killed}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,

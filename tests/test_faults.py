@@ -29,7 +29,7 @@ from distillbench.utils.checkpoints import (
     write_checkpoint,
 )
 from distillbench.utils.command import RUN_MARKER, claim_run_folder, disk_full_in, out_of_space_message
-from tests.helpers import run_cli, run_folder, run_here, run_in_process
+from tests.helpers import command_environment, run_cli, run_folder, run_here, run_in_process
 from tests.test_resume import poison_teacher, toy_run
 
 # 10 generator steps of 32 on the toy 2-D data, a checkpoint after steps 5 and 10
@@ -70,7 +70,7 @@ def copy_at_step_five(whole: Path, folder: Path) -> Path:
 
 # ---- run folders -------------------------------------------------------------------------------------------
 def test_runs_started_in_the_same_second_get_their_own_folders_and_a_used_folder_is_refused(tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(tmp_path / "cache"))
+    env = os.environ | command_environment(tmp_path)
     command = [sys.executable, "-m", "distillbench.train", "threads=1", *RUN]
     procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]  # fmt: skip
@@ -152,7 +152,7 @@ def test_a_run_killed_during_a_checkpoint_write_resumes_exactly_and_its_orphans_
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start_in_its_folder(whole, tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(tmp_path / "cache"))
+    env = os.environ | command_environment(tmp_path)
     folder = tmp_path / "early"
     proc = subprocess.Popen([sys.executable, "-m", "distillbench.train", "threads=1", *RUN,
                              f"hydra.run.dir={folder}"], cwd=tmp_path, env=env,

@@ -10,7 +10,7 @@ import sys
 
 from distillbench.config import launch_id
 from distillbench.distributed import DISTRIBUTED_ENV, distributed_state_reset
-from tests.helpers import compose, run_cli
+from tests.helpers import command_environment, compose, run_cli
 
 TINY = ["data=toy2d", "method.batch_size=16", "method.duration_kimg=0.064", "eval.n=64",
         "eval.teacher=false", "logger=csv"]  # fmt: skip
@@ -32,9 +32,7 @@ def test_a_sweep_over_device_counts_with_lightning_ddp_runs_each_job_once_in_its
 
 
 def test_torchrun_launches_two_ranks_that_share_one_run_folder(tmp_path):
-    env = dict(
-        os.environ, WANDB_MODE="disabled", DISTILLBENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"
-    )
+    env = os.environ | command_environment(tmp_path) | {"OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "distillbench.train", *TINY, "trainer=ddp_sim", "threads=1"]  # fmt: skip
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -33,8 +33,8 @@ from distillbench.leaderboard import (
 )
 from distillbench.methods.accounting import unit_of_config
 from distillbench.validation import validate_train_config
+from tests.helpers import command_environment, family_table, run_cli, run_here
 from tests.helpers import compose as compose_config
-from tests.helpers import family_table, run_cli, run_here
 
 #: one method, two seeds, one teacher sampler, a budget of four SIM steps: seconds per cell
 SMALL = ["suite=toy2d", *(f"~suite.methods.{name}" for name in ("di", "dmd2", "cd", "ect")),
@@ -204,7 +204,7 @@ def test_cells_measured_under_another_protocol_or_none_are_refused(tmp_path):
 def start_suite(out_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "distillbench.leaderboard", *SMALL, f"out_dir={out_dir}",
                f"hydra.run.dir={out_dir / 'run'}", "threads=1", *extra]  # fmt: skip
-    env = os.environ | {"WANDB_MODE": "disabled", "DISTILLBENCH_CACHE": str(out_dir.parent / "cache")}
+    env = os.environ | command_environment(out_dir.parent)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=out_dir.parent, start_new_session=True)  # fmt: skip
 
@@ -277,7 +277,7 @@ TINY_GMM = ["suite=gmm_digits", *(f"~suite.methods.{name}" for name in ("sid", "
             '"method.batch_size=16"]']  # fmt: skip
 
 
-def test_a_tiny_gmm_suite_reports_intervals_verdicts_the_floor_and_both_units(tmp_path):
+def test_a_tiny_gmm_suite_reports_intervals_verdicts_the_floor_both_units_and_its_curves(tmp_path):
     out = tmp_path / "board"
     run_here("distillbench.leaderboard", *TINY_GMM, f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
             "threads=1", cwd=tmp_path)  # fmt: skip
@@ -297,6 +297,16 @@ def test_a_tiny_gmm_suite_reports_intervals_verdicts_the_floor_and_both_units(tm
     assert "2 noise sets" in rows["floor"] and "2 noise sets" in rows["teacher heun"]
     assert "Welch" in markdown and "floor" in markdown
     assert (out / "leaderboard.png").stat().st_size > 10_000
+    run_here("distillbench.convergence", *TINY_GMM, f"out_dir={out}", f"report_dir={tmp_path / 'report'}",
+             f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)  # fmt: skip
+    curves = pd.read_csv(tmp_path / "report" / "curves.csv")
+    assert set(zip(curves["method"], curves["seed"], strict=True)) == {("sim", 0), ("sim", 1)}
+    assert curves[["fid", "log_density_gap", "recall", "coverage_tv"]].notna().all().all()
+    points = pd.read_csv(tmp_path / "report" / "convergence.csv")
+    assert (points["seeds"] == 2).all() and (points["fid_verdict"] == "best").sum() == 1
+    report = (tmp_path / "report" / "convergence.md").read_text()
+    assert "best / teacher heun-3" in report and "## log-density gap" in report
+    assert (tmp_path / "report" / "convergence.png").stat().st_size > 10_000
 
 
 def test_cells_made_in_another_checkout_compare_by_their_shipped_assets():

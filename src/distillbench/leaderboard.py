@@ -29,9 +29,9 @@ tied with the best method when Welch's t-test does not separate them at α = 0.0
 
 Resumable: a cell with ``summary.json`` is finished and skipped, one with a checkpoint resumes from it
 (``resume=<cell>``), anything else starts over. The outputs are rebuilt from the cells at the end:
-``leaderboard.md``, ``leaderboard.csv`` (one row per cell and noise set), ``curves.csv`` (FID against the
-budget spent, per training cell) and ``leaderboard.png`` (FID against training budget; each figure against
-sampling NFE, with intervals and the floor).
+``leaderboard.md``, ``leaderboard.csv`` (one row per cell and noise set), ``curves.csv`` (every figure
+against kimg and the budget spent, per training cell) and ``leaderboard.png`` (FID against training budget;
+each figure against sampling NFE, with intervals and the floor).
 """
 
 from __future__ import annotations
@@ -521,13 +521,14 @@ def markdown(summary: pd.DataFrame, suite: DictConfig, header: dict, unit) -> st
     return "\n".join(lines) + "\n"
 
 
-def curves(suite: DictConfig, out_dir: Path) -> dict[str, pd.DataFrame]:
-    """Each method's FID against the compute spent, one frame per seed (from the cells' eval.csv)."""
+def curves(suite: DictConfig, out_dir: Path) -> dict[str, list[pd.DataFrame]]:
+    """Each method's figures along its training (kimg, the compute spent, every :data:`FIGURES` kind the
+    metric suite measured), one frame per seed, from the cells' eval.csv."""
     found = {name: [] for name in suite.methods}
     for name, _, folder in training_cells(suite, out_dir):
         frame = pd.read_csv(folder / EVAL_FILE)
-        fid = metric_column(frame, "fid")
-        found[name].append(frame[["tfe", fid]].rename(columns={fid: "fid"}))
+        columns = {column: kind for kind in FIGURES if (column := metric_column(frame, kind))}
+        found[name].append(frame[["kimg", "tfe", *columns]].rename(columns=columns))
     return found
 
 
@@ -622,7 +623,8 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     frames = [f.assign(method=name, seed=seed) for name, found in per_method.items()
               for seed, f in zip(suite.seeds, found, strict=True)]  # fmt: skip
     with atomic_writer(out_dir / "curves.csv") as tmp:  # the figure's budget curves
-        pd.concat(frames, ignore_index=True)[["method", "seed", "tfe", "fid"]].to_csv(tmp, index=False)
+        combined = pd.concat(frames, ignore_index=True)
+        combined[["method", "seed", *combined.columns.drop(["method", "seed"])]].to_csv(tmp, index=False)
     plot(table, per_method, out_dir / "leaderboard.png", title, unit)
     return summary
 
