@@ -19,6 +19,7 @@ and interval), ``curves.csv`` (every seed's curve) and ``convergence.png``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import hydra
@@ -134,10 +135,16 @@ def markdown(suite: DictConfig, points: pd.DataFrame, refs: pd.DataFrame, second
 
 def plot(points: pd.DataFrame, refs: pd.DataFrame, path: Path, title: str) -> Path:
     """Each followed figure against kimg: per method the mean over seeds with its 95% t band; each teacher
-    sampler's value on the same noise set as a dashed line, the floor's as a black one."""
+    sampler's value on the same noise set as a dashed line, the floor's as a black one. With the exact
+    log-density and recall, a last panel puts one against the other: the trade a student makes between
+    diversity and staying on the law's high-density set, evaluation by evaluation."""
     kinds = [k for k in CURVE_FIGURES if f"{k}_mean" in points]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.4 * len(kinds), 4.4), squeeze=False)
-    for axis, kind in zip(axes.flat, kinds, strict=True):
+    frontier = {"recall", "log_density_gap"} <= set(kinds)
+    panels = len(kinds) + frontier
+    columns = min(panels, 3)
+    rows = math.ceil(panels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.4 * columns, 4.4 * rows), squeeze=False)
+    for axis, kind in zip(axes.flat, kinds, strict=False):
         for method, group in points.groupby("method", sort=False):
             mean, half = group[f"{kind}_mean"], np.nan_to_num(group[f"{kind}_ci"])
             (line,) = axis.plot(group["kimg"], mean, marker="o", ms=3, label=method)
@@ -146,13 +153,25 @@ def plot(points: pd.DataFrame, refs: pd.DataFrame, path: Path, title: str) -> Pa
             floor = r.method == FLOOR
             axis.axhline(r[kind], color="k" if floor else "gray", lw=1, ls="-" if floor else "--",
                          label=r.label)  # fmt: skip
+        axis.set(xlabel="generator kimg", ylabel=lb.HEADINGS[kind], title=lb.HEADINGS[kind])
+    if frontier:
+        axis = axes.flat[len(kinds)]
+        for method, group in points.groupby("method", sort=False):
+            axis.plot(group["recall_mean"], group["log_density_gap_mean"], marker="o", ms=3, label=method)
+        for _, r in refs.iterrows():
+            axis.plot(r.recall, r.log_density_gap, marker="*" if r.method == FLOOR else "s", ms=9,
+                      linestyle="none", color="k" if r.method == FLOOR else None, label=r.label)  # fmt: skip
+        axis.set(xlabel="recall", ylabel=lb.HEADINGS["log_density_gap"],
+                 title="log-density gap against recall, along each run")  # fmt: skip
+    for axis, kind in zip(axes.flat, [*kinds, *["log_density_gap"] * frontier], strict=False):
         if kind == "fid":
             axis.set_yscale("log")
         elif kind == "log_density_gap":
             axis.set_yscale("symlog", linthresh=0.1)
-        axis.set(xlabel="generator kimg", ylabel=lb.HEADINGS[kind], title=lb.HEADINGS[kind])
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
+    for axis in axes.flat[panels:]:
+        axis.set_visible(False)
     fig.suptitle(title)
     return save_figure(fig, path)
 
