@@ -27,6 +27,7 @@ def test_a_curve_that_falls_then_rises_ends_worse_than_its_best():
     row = settle(by_point(table), "fid").iloc[0]
     assert row.best_kimg == 4.0 and row.reached_kimg == 4.0 and row.end_kimg == 8.0
     assert row.end_verdict == "worse" and row.best_mean == pytest.approx(2.0)
+    assert not row.improving_at_end
 
 
 def test_a_curve_that_reaches_a_plateau_ends_tied_and_stops_improving_where_the_plateau_starts():
@@ -34,6 +35,12 @@ def test_a_curve_that_reaches_a_plateau_ends_tied_and_stops_improving_where_the_
     table = curves("flat", [[9 + e, 3 + e, 2.2 + e, 2.0 + e, 2.1 + e] for e in noise])
     row = settle(by_point(table), "fid").iloc[0]
     assert row.best_kimg == 6.0 and row.reached_kimg == 4.0 and row.end_verdict == "tied"
+
+
+def test_a_curve_whose_best_evaluation_is_its_last_has_not_stopped_improving():
+    table = curves("down", [[9 + e, 5 + e, 3 + e, 2 + e] for e in (0.0, 0.05, -0.05)])
+    row = settle(by_point(table), "fid").iloc[0]
+    assert row.improving_at_end and row.end_verdict == "best"
 
 
 def test_the_log_density_gap_is_judged_by_its_distance_from_zero():

@@ -10,6 +10,7 @@ repeats are the training seeds, whose evaluations fall at the same kimg: one bud
 - its best evaluation (the best mean; the log-density gap by its distance from 0) and the first evaluation
   Welch's test does not separate from it (α = 0.05): where the method stops improving;
 - its end against its best: ``best`` or ``tied`` when the run ends at its best, ``worse`` when it does not;
+  a run whose best evaluation is its last has not stopped improving;
 - its best FID over each teacher sampler's on the same noise set.
 
 The final students against the teacher's samplers, over seeds × noise sets, are the suite's own
@@ -85,7 +86,8 @@ def settle(points: pd.DataFrame, kind: str) -> pd.DataFrame:
         rows.append({"method": method, "best_kimg": best.kimg, "best_mean": best[f"{kind}_mean"],
                      "best_ci": best[f"{kind}_ci"], "reached_kimg": reached.kimg, "end_kimg": end.kimg,
                      "end_mean": end[f"{kind}_mean"], "end_ci": end[f"{kind}_ci"],
-                     "end_verdict": end[f"{kind}_verdict"]})  # fmt: skip
+                     "end_verdict": end[f"{kind}_verdict"],
+                     "improving_at_end": best.point == end.point})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -111,25 +113,31 @@ def markdown(suite: DictConfig, points: pd.DataFrame, refs: pd.DataFrame, second
              f"{suite.eval.n} samples each; seeds {list(suite.seeds)}", ""]  # fmt: skip
     for kind in kinds:
         heads = ["method", "best", "at kimg", "first tied with the best at kimg", "end", "end kimg",
-                 "end against the best"]  # fmt: skip
+                 "end against the best", "stopped improving"]  # fmt: skip
         if kind == "fid":
             heads += [f"best / {label}" for label in teachers["label"]]
         lines += [f"## {lb.HEADINGS[kind]}", "", "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
         for r in settle(points, kind).itertuples():
             cells = [r.method, text(r.best_mean, r.best_ci), f"{r.best_kimg:.3g}", f"{r.reached_kimg:.3g}",
-                     text(r.end_mean, r.end_ci), f"{r.end_kimg:.3g}", r.end_verdict]  # fmt: skip
+                     text(r.end_mean, r.end_ci), f"{r.end_kimg:.3g}", r.end_verdict,
+                     "no: best at the end" if r.improving_at_end else "yes"]  # fmt: skip
             if kind == "fid":
                 cells += [f"{r.best_mean / fid:.3g}" for fid in teachers["fid"]]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         reference = ", ".join(f"{r.label} {r[kind]:.3g}" for _, r in refs.iterrows())
         lines += ["", f"On the same noise set: {reference}.", ""]
-    lines += ["Training wall time per cell (s, mean over seeds): "
-              + ", ".join(f"{m} {s:.0f}" for m, s in seconds.items()) + ".", "",
-              "Each figure is the mean ± the half-width of its 95% t interval (ddof = 1) over the training "
-              "seeds at one evaluation (the first noise set). 'first tied with the best': the first "
-              "evaluation Welch's t-test does not separate from the best one at α = 0.05 (the log-density "
-              "gap by its distance from 0): where the curve stops improving. 'end against the best': the "
-              "last evaluation's verdict, 'tied' when the run ends within noise of its best."]  # fmt: skip
+    lines += [
+        "Training wall time per cell (s, mean over seeds): "
+        + ", ".join(f"{m} {s:.0f}" for m, s in seconds.items())
+        + ".",
+        "",
+        "Each figure is the mean ± the half-width of its 95% t interval (ddof = 1) over the training "
+        "seeds at one evaluation (the first noise set). 'first tied with the best': the first "
+        "evaluation Welch's t-test does not separate from the best one at α = 0.05 (the log-density "
+        "gap by its distance from 0): where the curve stops improving. 'end against the best': the "
+        "last evaluation's verdict, 'tied' when the run ends within noise of its best. 'stopped "
+        "improving': 'no' when the best evaluation is the last one (a longer run may do better).",
+    ]
     return "\n".join(lines) + "\n"
 
 
