@@ -34,6 +34,7 @@ from distillbench import run_folder, stats
 from distillbench.config import CONFIG_DIR
 from distillbench.errors import ConfigError
 from distillbench.evaluate import FLOOR, save_figure, verdicts_on
+from distillbench.methods.accounting import unit_of_config
 from distillbench.utils.command import cli, task
 from distillbench.utils.io import atomic_write_text, atomic_writer
 
@@ -102,14 +103,16 @@ def text(mean: float, half_width: float) -> str:
     return stats.Interval(mean, half_width, 0 if np.isnan(mean) else 2).text(3)
 
 
-def markdown(suite: DictConfig, points: pd.DataFrame, refs: pd.DataFrame, seconds: pd.Series) -> str:
+def markdown(
+    suite: DictConfig, points: pd.DataFrame, refs: pd.DataFrame, seconds: pd.Series, unit: str
+) -> str:
     kinds = [k for k in CURVE_FIGURES if f"{k}_mean" in points]
     teachers = refs[refs["method"] != FLOOR]
     lines = [f"# Convergence: {suite.name}", "",
              f"- command: `python -m distillbench.leaderboard suite={suite.name}`, then "
              f"`python -m distillbench.convergence suite={suite.name}`",
-             f"- budget per method: {suite.budget_tfe:.4g} (the teacher's unit), "
-             f"{suite.eval.curve_points} evaluations along each run on noise set {suite.eval.noise_seed}, "
+             f"- budget per method: {suite.budget_tfe:.4g} {unit}; {points.groupby('method').size().max()} "
+             f"evaluations along each run (its start included) on noise set {suite.eval.noise_seed}, "
              f"{suite.eval.n} samples each; seeds {list(suite.seeds)}", ""]  # fmt: skip
     for kind in kinds:
         heads = ["method", "best", "at kimg", "first tied with the best at kimg", "end", "end kimg",
@@ -209,12 +212,15 @@ def convergence(cfg: DictConfig) -> pd.DataFrame:
         .groupby("method", sort=False)["train_seconds"]
         .mean()
     )
+    first = lb.training_cell(out_dir, next(iter(suite.methods)), suite.seeds[0])
+    unit = unit_of_config(lb.cell_config(first).teacher).name
     report_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in (("curves.csv", curves), ("convergence.csv", points)):
         with atomic_writer(report_dir / name) as tmp:
             frame.to_csv(tmp, index=False)
-    atomic_write_text(report_dir / "convergence.md", markdown(suite, points, refs, seconds))
-    plot(points, refs, report_dir / "convergence.png", f"{suite.name}: {suite.budget_tfe:.3g} per method")
+    atomic_write_text(report_dir / "convergence.md", markdown(suite, points, refs, seconds, unit))
+    title = f"{suite.name}: {suite.budget_tfe:.3g} {unit} per method"
+    plot(points, refs, report_dir / "convergence.png", title)
     print((report_dir / "convergence.md").read_text())
     print(f"convergence: {report_dir}/convergence.md, convergence.csv, curves.csv, convergence.png")
     return points

@@ -30,7 +30,8 @@ tied with the best method when Welch's t-test does not separate them at α = 0.0
 Resumable: a cell with ``summary.json`` is finished and skipped, one with a checkpoint resumes from it
 (``resume=<cell>``), anything else starts over. The outputs are rebuilt from the cells at the end:
 ``leaderboard.md``, ``leaderboard.csv`` (one row per cell and noise set), ``curves.csv`` (every figure
-against kimg and the budget spent, per training cell) and ``leaderboard.png`` (FID against training budget;
+against kimg and the budget spent, per training cell), ``within_family.csv`` (for a suite of one method's
+settings, ``<method>@<setting>``: :func:`within_family`) and ``leaderboard.png`` (FID against training budget;
 each figure against sampling NFE, with intervals and the floor).
 """
 
@@ -625,6 +626,10 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     with atomic_writer(out_dir / "curves.csv") as tmp:  # the figure's budget curves
         combined = pd.concat(frames, ignore_index=True)
         combined[["method", "seed", *combined.columns.drop(["method", "seed"])]].to_csv(tmp, index=False)
+    families = within_family(table)
+    if not families.empty:  # settings of one method (``sim@1e-4``): each read against the method's best
+        with atomic_writer(out_dir / "within_family.csv") as tmp:
+            families.to_csv(tmp, index=False)
     plot(table, per_method, out_dir / "leaderboard.png", title, unit)
     return summary
 
