@@ -16,6 +16,12 @@ def test_the_spread_is_the_sample_standard_deviation():
     assert math.isnan(stats.std([5.0]))
 
 
+def test_equal_repeats_have_no_spread_and_no_interval_width():
+    values = [-0.378944127111028] * 3  # np.std leaves ~6e-17 here, from rounding the mean
+    assert stats.std(values) == 0 and stats.interval(values).half_width == 0
+    assert stats.welch_p(values, values) == 1.0
+
+
 def test_the_interval_is_student_t_over_the_repeats():
     values = [1.0, 1.4, 0.9, 1.2, 1.1]
     spread = stats.interval(values)

@@ -49,9 +49,12 @@ def clean(values) -> np.ndarray:
 
 
 def std(values) -> float:
-    """The sample standard deviation (NaN for fewer than two values)."""
+    """The sample standard deviation (NaN for fewer than two values; exactly 0 for equal values, where
+    floating-point rounding of the mean would leave ~1e-17)."""
     values = clean(values)
-    return float(np.std(values, ddof=DDOF)) if len(values) > 1 else math.nan
+    if len(values) < 2:
+        return math.nan
+    return 0.0 if np.ptp(values) == 0 else float(np.std(values, ddof=DDOF))
 
 
 def interval(values, confidence: float = CONFIDENCE) -> Interval:
@@ -63,7 +66,7 @@ def interval(values, confidence: float = CONFIDENCE) -> Interval:
     if n == 1:
         return Interval(float(values[0]), math.nan, 1)
     t = scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)
-    return Interval(float(values.mean()), float(t * values.std(ddof=DDOF) / math.sqrt(n)), n)
+    return Interval(float(values.mean()), float(t * std(values) / math.sqrt(n)), n)
 
 
 def welch_p(a, b) -> float:
@@ -71,7 +74,7 @@ def welch_p(a, b) -> float:
     a, b = clean(a), clean(b)
     if len(a) < 2 or len(b) < 2:
         return math.nan
-    if np.std(a) == 0 and np.std(b) == 0:
+    if std(a) == 0 and std(b) == 0:
         return 1.0 if a.mean() == b.mean() else 0.0
     return float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
 
