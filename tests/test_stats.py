@@ -20,6 +20,7 @@ def test_equal_repeats_have_no_spread_and_no_interval_width():
     values = [-0.378944127111028] * 3  # np.std leaves ~6e-17 here, from rounding the mean
     assert stats.std(values) == 0 and stats.interval(values).half_width == 0
     assert stats.welch_p(values, values) == 1.0
+    assert stats.std([0.5, 0.5 + 1e-15, 0.5]) == 0  # the same weights, evaluated in another process
 
 
 def test_the_interval_is_student_t_over_the_repeats():

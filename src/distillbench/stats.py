@@ -48,13 +48,20 @@ def clean(values) -> np.ndarray:
     return values[~np.isnan(values)]
 
 
+#: repeats that agree to this relative precision are equal (the same weights evaluated in two processes
+#: differ in the last digits); their spread is 0, not rounding noise
+EQUAL_RTOL = 1e-12
+
+
 def std(values) -> float:
-    """The sample standard deviation (NaN for fewer than two values; exactly 0 for equal values, where
-    floating-point rounding of the mean would leave ~1e-17)."""
+    """The sample standard deviation (NaN for fewer than two values; exactly 0 for equal repeats, see
+    :data:`EQUAL_RTOL`)."""
     values = clean(values)
     if len(values) < 2:
         return math.nan
-    return 0.0 if np.ptp(values) == 0 else float(np.std(values, ddof=DDOF))
+    if np.ptp(values) <= EQUAL_RTOL * max(1.0, float(np.abs(values).max())):
+        return 0.0
+    return float(np.std(values, ddof=DDOF))
 
 
 def interval(values, confidence: float = CONFIDENCE) -> Interval:
