@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -42,3 +43,13 @@ def test_ties_are_what_welch_cannot_separate_from_the_best():
     assert verdicts == {"a": "best", "b": "tied", "c": "worse", "d": "untested"}
     assert scipy_stats.ttest_ind(groups["b"], groups["a"], equal_var=False).pvalue >= 0.05
     assert stats.ties_with_best({"x": [3.0, 3.1], "y": [1.0, 1.1]}, lower_is_better=False)["x"] == "best"
+
+
+def test_welch_s_p_value_is_scipy_s_and_a_constant_side_gives_no_warning():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.normal(size=rng.integers(2, 9)), rng.normal(1, 2, size=rng.integers(2, 9))
+        assert stats.welch_p(a, b) == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy warns of catastrophic cancellation on equal repeats
+        assert 0 < stats.welch_p([5.684064] * 3, [1.2, 1.3, 1.1]) < 0.05
