@@ -43,18 +43,14 @@ from distillbench.utils.io import atomic_write_text, atomic_writer
 CURVE_FIGURES = ("fid", "log_density_gap", "recall", "coverage_tv")
 
 
-def curve_table(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
-    """Every training cell's curve, one row per evaluation: method, seed, evaluation index, kimg, spent budget
-    and the figures measured."""
-    frames = [frame.assign(method=name, seed=seed, point=np.arange(len(frame)))
-              for name, found in lb.curves(suite, out_dir).items()
-              for seed, frame in zip(suite.seeds, found, strict=True)]  # fmt: skip
-    table = pd.concat(frames, ignore_index=True)
-    return table[["method", "seed", "point", *table.columns.drop(["method", "seed", "point"])]]
-
-
 def measured(table: pd.DataFrame) -> list[str]:
+    """The followed figures the curves hold (the ground-truth ones only with an exact law)."""
     return [kind for kind in CURVE_FIGURES if kind in table and table[kind].notna().any()]
+
+
+def followed(points: pd.DataFrame) -> list[str]:
+    """The followed figures :func:`by_point` summarised."""
+    return [kind for kind in CURVE_FIGURES if f"{kind}_mean" in points]
 
 
 def by_point(curves: pd.DataFrame) -> pd.DataFrame:
@@ -99,14 +95,9 @@ def references(table: pd.DataFrame, noise_seed: int) -> pd.DataFrame:
     return rows.assign(label=labels)
 
 
-def text(mean: float, half_width: float) -> str:
-    return stats.Interval(mean, half_width, 0 if np.isnan(mean) else 2).text(3)
-
-
 def markdown(
     suite: DictConfig, points: pd.DataFrame, refs: pd.DataFrame, seconds: pd.Series, unit: str
 ) -> str:
-    kinds = [k for k in CURVE_FIGURES if f"{k}_mean" in points]
     teachers = refs[refs["method"] != FLOOR]
     lines = [f"# Convergence: {suite.name}", "",
              f"- command: `python -m distillbench.leaderboard suite={suite.name}`, then "
@@ -114,16 +105,16 @@ def markdown(
              f"- budget per method: {suite.budget_tfe:.4g} {unit}; {points.groupby('method').size().max()} "
              f"evaluations along each run (its start included) on noise set {suite.eval.noise_seed}, "
              f"{suite.eval.n} samples each; seeds {list(suite.seeds)}", ""]  # fmt: skip
-    for kind in kinds:
+    for kind in followed(points):
         heads = ["method", "best", "at kimg", "first tied with the best at kimg", "end", "end kimg",
                  "end against the best", "stopped improving"]  # fmt: skip
         if kind == "fid":
             heads += [f"best / {label}" for label in teachers["label"]]
         lines += [f"## {lb.HEADINGS[kind]}", "", "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
         for r in settle(points, kind).itertuples():
-            cells = [r.method, text(r.best_mean, r.best_ci), f"{r.best_kimg:.3g}", f"{r.reached_kimg:.3g}",
-                     text(r.end_mean, r.end_ci), f"{r.end_kimg:.3g}", r.end_verdict,
-                     "no: best at the end" if r.improving_at_end else "yes"]  # fmt: skip
+            cells = [r.method, lb.plus_minus(r.best_mean, r.best_ci), f"{r.best_kimg:.3g}",
+                     f"{r.reached_kimg:.3g}", lb.plus_minus(r.end_mean, r.end_ci), f"{r.end_kimg:.3g}",
+                     r.end_verdict, "no: best at the end" if r.improving_at_end else "yes"]  # fmt: skip
             if kind == "fid":
                 cells += [f"{r.best_mean / fid:.3g}" for fid in teachers["fid"]]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -149,7 +140,7 @@ def plot(points: pd.DataFrame, refs: pd.DataFrame, path: Path, title: str) -> Pa
     sampler's value on the same noise set as a dashed line, the floor's as a black one. With the exact
     log-density and recall, a last panel puts one against the other: the trade a student makes between
     diversity and staying on the law's high-density set, evaluation by evaluation."""
-    kinds = [k for k in CURVE_FIGURES if f"{k}_mean" in points]
+    kinds = followed(points)
     frontier = {"recall", "log_density_gap"} <= set(kinds)
     panels = len(kinds) + frontier
     columns = min(panels, 3)
@@ -203,7 +194,7 @@ def convergence(cfg: DictConfig) -> pd.DataFrame:
     lb.check_suite(suite)
     check_finished(suite, out_dir)
     table = lb.collect(suite, out_dir)
-    curves = curve_table(suite, out_dir)
+    curves = lb.curve_table(lb.curves(suite, out_dir), suite.seeds)
     points = by_point(curves)
     refs = references(table, suite.eval.noise_seed)
     seconds = (

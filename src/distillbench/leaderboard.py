@@ -533,6 +533,16 @@ def curves(suite: DictConfig, out_dir: Path) -> dict[str, list[pd.DataFrame]]:
     return found
 
 
+def curve_table(per_method: dict[str, list[pd.DataFrame]], seeds) -> pd.DataFrame:
+    """:func:`curves`' frames as one table, one row per evaluation: method, seed, the evaluation's index
+    along its run (``point``), kimg, the budget spent and the figures."""
+    frames = [frame.assign(method=name, seed=seed, point=np.arange(len(frame)))
+              for name, found in per_method.items()
+              for seed, frame in zip(seeds, found, strict=True)]  # fmt: skip
+    table = pd.concat(frames, ignore_index=True)
+    return table[["method", "seed", "point", *table.columns.drop(["method", "seed", "point"])]]
+
+
 def plot(table: pd.DataFrame, per_method: dict[str, list[pd.DataFrame]], path: Path, title: str,
          unit) -> Path:  # fmt: skip
     """First panel: FID against training budget (mean over seeds, its 95% t band). Then each measured figure
@@ -621,11 +631,8 @@ def write_outputs(suite: DictConfig, out_dir: Path) -> pd.DataFrame:
     atomic_write_text(out_dir / "leaderboard.md", markdown(summary, suite, header, unit))
     title = f"{suite.name}: {suite.budget_tfe:.3g} {unit.name} per method"
     per_method = curves(suite, out_dir)
-    frames = [f.assign(method=name, seed=seed) for name, found in per_method.items()
-              for seed, f in zip(suite.seeds, found, strict=True)]  # fmt: skip
     with atomic_writer(out_dir / "curves.csv") as tmp:  # the figure's budget curves
-        combined = pd.concat(frames, ignore_index=True)
-        combined[["method", "seed", *combined.columns.drop(["method", "seed"])]].to_csv(tmp, index=False)
+        curve_table(per_method, suite.seeds).to_csv(tmp, index=False)
     families = within_family(table)
     if not families.empty:  # settings of one method (``sim@1e-4``): each read against the method's best
         with atomic_writer(out_dir / "within_family.csv") as tmp:
